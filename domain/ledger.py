@@ -1,0 +1,316 @@
+"""The ``Ledger`` application: the use cases that append to, and read from, the log."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.persistence import IntegrityError
+from eventsourcing.utils import get_topic
+
+from domain.errors import (
+    ConcurrencyError,
+    ConflictingLabelError,
+    ModelExistsError,
+    ModelNotFoundError,
+    PredictionNotFoundError,
+    VersionNotFoundError,
+)
+from domain.mapping import OrjsonTranscoder, TypedMapper
+from domain.model import Model, model_id_for, validate_model_name
+from domain.prediction import (
+    Prediction,
+    make_label_event,
+    validate_label,
+    validate_source,
+)
+from domain.spec import LearnerSpec
+
+MODEL_REGISTERED_TOPIC = get_topic(Model.Registered)
+_T = TypeVar("_T")
+
+
+class LabelStatus(enum.Enum):
+    """What happened to one piece of feedback."""
+
+    ACCEPTED = "ACCEPTED"
+    DUPLICATE = "DUPLICATE"
+    LATE = "LATE"
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """One piece of feedback as a caller sent it."""
+
+    prediction_id: UUID
+    label: float
+    source: str
+    event_time: datetime
+    actor: str
+
+
+@dataclass(frozen=True)
+class LabelOutcome:
+    """The verdict on one ``LabelRequest``; ``event`` is None for a duplicate."""
+
+    prediction_id: UUID
+    status: LabelStatus
+    event: Prediction.Labeled | None
+
+
+class Ledger(Application):
+    """Use cases over one ordered log holding every model's and prediction's events.
+
+    Models and predictions share one events table on purpose: a prediction, the label
+    that came back for it and the update that learned from it are totally ordered in one
+    notification log and can be committed in one transaction (see ARCHITECTURE.md).
+    """
+
+    name = "ledger"
+    env: ClassVar[dict[str, str]] = {
+        "MAPPER_TOPIC": get_topic(TypedMapper),
+        "TRANSCODER_TOPIC": get_topic(OrjsonTranscoder),
+        "AGGREGATE_CACHE_MAXSIZE": "1000",
+    }
+
+    # --- models ------------------------------------------------------------------------
+
+    def register_model(
+        self,
+        name: str,
+        spec: LearnerSpec,
+        *,
+        platform: tuple[tuple[str, str], ...],
+        initial_digest: str,
+        actor: str,
+    ) -> Model:
+        """Create a model. Raises ``ModelExistsError`` if the name is taken."""
+        validate_model_name(name)
+        spec.validate()
+        model = Model(
+            name=name, spec=spec, platform=platform, initial_digest=initial_digest, actor=actor
+        )
+        try:
+            self.save(model)
+        except IntegrityError:
+            raise ModelExistsError(f"model {name!r} is registered already") from None
+        return model
+
+    def get_model(self, name: str) -> Model:
+        """The model's current state. Raises ``ModelNotFoundError``."""
+        return self.get_model_by_id(model_id_for(name), name)
+
+    def get_model_by_id(self, model_id: UUID, label: str | None = None) -> Model:
+        """The model with this aggregate id. Raises ``ModelNotFoundError``."""
+        try:
+            model: Model = self.repository.get(model_id)
+        except AggregateNotFoundError:
+            raise ModelNotFoundError(f"no model named {label or str(model_id)!r}") from None
+        return model
+
+    def get_model_at(self, name: str, version: int) -> Model:
+        """The model's domain state at ``version``. Raises ``VersionNotFoundError``."""
+        head = self.get_model(name)
+        if not 1 <= version <= head.version:
+            raise VersionNotFoundError(
+                f"model {name!r} has versions 1 to {head.version}, not {version}"
+            )
+        model: Model = self.repository.get(head.id, version=version)
+        return model
+
+    def get_model_events(self, model_id: UUID, *, lte: int | None = None) -> list[Any]:
+        """Every event of one model, oldest first (up to version ``lte``)."""
+        return list(self.events.get(model_id, lte=lte))
+
+    def list_models(self) -> list[Model]:
+        """All registered models, in registration order."""
+        ids = self._registered_model_ids()
+        return [self.get_model_by_id(model_id) for model_id in ids]
+
+    def pause_model(self, name: str, reason: str, actor: str) -> Model:
+        """Stop learning for a model (recorded as ``Model.Paused``)."""
+        return self._change_model(name, lambda m: m.pause(reason, actor))
+
+    def resume_model(self, name: str, reason: str, actor: str) -> Model:
+        """Start learning again (recorded as ``Model.Resumed``)."""
+        return self._change_model(name, lambda m: m.resume(reason, actor))
+
+    def roll_back_model(self, name: str, to_version: int, reason: str, actor: str) -> Model:
+        """Make version ``to_version``'s state the head state, as a new event.
+
+        The target's digest comes from the log itself (the digest recorded at or before
+        that version), so the rollback event certifies what replay must reproduce.
+        """
+
+        def roll_back(model: Model) -> None:
+            if not 1 <= to_version < model.version:
+                target_digest = ""  # the command's own check names the valid range
+            else:
+                target_digest = self.get_model_at(name, to_version).digest
+            model.roll_back(to_version, target_digest, reason, actor)
+
+        return self._change_model(name, roll_back)
+
+    def _change_model(self, name: str, command: Callable[[Model], None], attempts: int = 5) -> Model:
+        # Operator commands and the learner both append to the model's stream. On a
+        # version conflict: reload, re-check (the command re-validates), retry; never
+        # overwrite.
+        for _ in range(attempts):
+            model = self.get_model(name)
+            command(model)
+            try:
+                self.save(model)
+            except IntegrityError:
+                continue
+            return model
+        raise ConcurrencyError(f"model {name!r} kept changing under the command; try again")
+
+    def _registered_model_ids(self) -> list[UUID]:
+        recorder: Any = self.recorder
+        if hasattr(recorder, "select_originator_ids_by_topic"):
+            ids: list[UUID] = recorder.select_originator_ids_by_topic(MODEL_REGISTERED_TOPIC)
+            return ids
+        out: list[UUID] = []
+        start = 1
+        while True:
+            page = self.recorder.select_notifications(
+                start, 1000, topics=[MODEL_REGISTERED_TOPIC]
+            )
+            out.extend(UUID(str(n.originator_id)) for n in page)
+            if len(page) < 1000:
+                return out
+            start = page[-1].id + 1
+
+    # --- predictions and labels ----------------------------------------------------------
+
+    def get_prediction(self, prediction_id: UUID) -> Prediction:
+        """One prediction with its label, if any. Raises ``PredictionNotFoundError``."""
+        try:
+            prediction: Prediction = self.repository.get(prediction_id)
+        except AggregateNotFoundError:
+            raise PredictionNotFoundError(f"no prediction with id {prediction_id}") from None
+        return prediction
+
+    def get_predictions(self, prediction_ids: Iterable[UUID]) -> dict[UUID, Prediction]:
+        """Many predictions in one round trip; missing ids are simply absent."""
+        ids = list(dict.fromkeys(prediction_ids))
+        if not ids:
+            return {}
+        recorder: Any = self.recorder
+        if hasattr(recorder, "select_events_for_originators"):
+            stored = recorder.select_events_for_originators(ids)
+        else:
+            stored = [s for pid in ids for s in self.recorder.select_events(pid)]
+        by_id: dict[UUID, list[Any]] = {}
+        for item in stored:
+            by_id.setdefault(UUID(str(item.originator_id)), []).append(
+                self.mapper.to_domain_event(item)
+            )
+        out: dict[UUID, Prediction] = {}
+        for pid, events in by_id.items():
+            aggregate: Prediction | None = None
+            for domain_event in sorted(events, key=lambda e: e.originator_version):
+                aggregate = domain_event.mutate(aggregate)
+            if isinstance(aggregate, Prediction):
+                out[pid] = aggregate
+        return out
+
+    def prepare_labels(
+        self,
+        requests: Sequence[LabelRequest],
+        *,
+        received_at: datetime,
+        pending: dict[UUID, Prediction.Made] | None = None,
+    ) -> list[LabelOutcome]:
+        """Validate feedback against the logged predictions and build the label events.
+
+        Nothing is written here; the caller commits the events with ``record`` (the group
+        commit writer batches many callers into one transaction).
+
+        Args:
+            requests: feedback in arrival order.
+            received_at: the time stamped on the label events.
+            pending: predictions made but not yet committed, by id (simulation drivers).
+
+        Returns:
+            One outcome per request, in order. A repeat of an identical label (in the log
+            or earlier in ``requests``) is ``DUPLICATE`` with no event; a label outside the
+            model's feedback window is stored but ``LATE``.
+
+        Raises:
+            PredictionNotFoundError: a request names no logged prediction.
+            ConflictingLabelError: a different label was recorded for it already.
+            InvalidArgumentError: a label the model's head cannot take.
+        """
+        stored = self.get_predictions(r.prediction_id for r in requests if not (pending and r.prediction_id in pending))
+        seen: dict[UUID, float] = {}
+        outcomes: list[LabelOutcome] = []
+        for request in requests:
+            pid = request.prediction_id
+            prediction = stored.get(pid)
+            made: Any = prediction if prediction is not None else (pending or {}).get(pid)
+            if made is None:
+                raise PredictionNotFoundError(f"no prediction with id {pid}")
+            spec = self._spec_of(made.model_id)
+            label = validate_label(spec, request.label)
+            source = validate_source(request.source)
+            earlier = seen.get(pid)
+            if earlier is None and prediction is not None and prediction.is_labeled:
+                earlier = prediction.label
+            if earlier is not None:
+                if earlier != label:
+                    raise ConflictingLabelError(
+                        f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}"
+                    )
+                outcomes.append(LabelOutcome(pid, LabelStatus.DUPLICATE, None))
+                continue
+            seen[pid] = label
+            made_at: datetime = made.created_on if prediction is not None else made.timestamp
+            in_window = request.event_time - made_at <= timedelta(seconds=spec.feedback_window_s)
+            event = make_label_event(
+                pid,
+                model_id=made.model_id,
+                label=label,
+                source=source,
+                event_time=request.event_time,
+                in_window=in_window,
+                actor=request.actor,
+                timestamp=received_at,
+            )
+            status = LabelStatus.ACCEPTED if in_window else LabelStatus.LATE
+            outcomes.append(LabelOutcome(pid, status, event))
+        return outcomes
+
+    def record(self, events: Sequence[DomainEventProtocol[Any]]) -> list[int]:
+        """Commit events, in order, in one transaction; return their notification ids.
+
+        Raises:
+            ConcurrencyError: an event's stream position was taken (a duplicate
+                prediction id or label, or a concurrent model change); nothing was written.
+        """
+        if not events:
+            return []
+        try:
+            recordings = self.events.put(events)
+        except IntegrityError as exc:
+            raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
+        return [r.notification.id for r in recordings]
+
+    def _spec_of(self, model_id: UUID) -> LearnerSpec:
+        # Specs never change after registration, so caching them is always safe.
+        cache: dict[UUID, LearnerSpec] = self.__dict__.setdefault("_spec_cache", {})
+        spec = cache.get(model_id)
+        if spec is None:
+            spec = cache[model_id] = self.get_model_by_id(model_id).spec
+        return spec
+
+
+def first(items: Iterable[_T]) -> _T | None:
+    """The first item, or None."""
+    return next(iter(items), None)

@@ -1,0 +1,107 @@
+"""The online learning loop for one model: labeled predictions in, update events out."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+
+from domain.errors import FailedPreconditionError
+from domain.model import Model
+from projections.digest import state_digest
+from projections.learners import Learner, LearnerState, decide, make_batch, make_learner
+
+LEARNER_ACTOR = "learner"
+
+
+@dataclass(frozen=True)
+class LabeledExample:
+    """A label matched to the features its prediction was served with."""
+
+    prediction_id: UUID
+    features: tuple[float, ...]
+    label: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One served score: what ``Prediction.Made`` records."""
+
+    score: float
+    decision: float
+
+
+class ModelLearner:
+    """Keeps one model's live state and turns its labels into recorded updates.
+
+    Labels are taken strictly in log order; every ``batch_size`` of them become one
+    step. The step is computed by the same jitted function replay uses, and the decision
+    (batch membership and order, verdict, digest) is appended to the ``Model`` aggregate.
+    The caller commits the events; only then may the new state serve (``commit``).
+    """
+
+    def __init__(self, model: Model, state: LearnerState, *, actor: str = LEARNER_ACTOR):
+        self.model = model
+        self.learner: Learner = make_learner(model.spec)
+        self.state = state
+        self.digest = state_digest(state)
+        self.actor = actor
+        self.buffer: deque[LabeledExample] = deque()
+
+    @property
+    def version(self) -> int:
+        """The model version the live state corresponds to."""
+        return int(self.model.version)
+
+    def add(self, example: LabeledExample) -> None:
+        """Queue a labeled example (in log order)."""
+        self.buffer.append(example)
+
+    def ready(self) -> bool:
+        """Whether a full batch is waiting and learning is not paused."""
+        return len(self.buffer) >= self.model.spec.batch_size and not self.model.paused
+
+    def step(self) -> list[Any]:
+        """Take one batch, compute the step, and return the events that record it.
+
+        A step whose parameters come out non-finite is recorded as ``UpdateRejected`` and
+        the served state does not change.
+        """
+        if not self.ready():
+            raise FailedPreconditionError("no full batch to learn from, or learning is paused")
+        spec = self.model.spec
+        taken = [self.buffer.popleft() for _ in range(spec.batch_size)]
+        x = np.asarray([e.features for e in taken], dtype=np.float64)
+        y = np.asarray([e.label for e in taken], dtype=np.float64)
+        ids = tuple(e.prediction_id for e in taken)
+        candidate, metrics = self.learner.update_step(self.state, make_batch(spec, x, y))
+        loss_before = float(metrics["loss"])
+        loss_after = float(metrics.get("loss_after", metrics["loss"]))
+        if _all_finite(candidate) and math.isfinite(loss_before):
+            digest = state_digest(candidate)
+            self.model.apply_update(ids, int(candidate.step), loss_before, loss_after, digest, self.actor)
+            self.state, self.digest = candidate, digest
+        else:
+            self.model.reject_update(ids, "non-finite parameters after the step", loss_before, loss_after, self.actor)
+        return list(self.model.collect_events())
+
+    def predict(self, rows: np.ndarray) -> list[Scored]:
+        """Scores and decisions for feature rows, from the live state."""
+        proba = self.learner.predict_proba(self.state, rows)
+        return [Scored(*decide(self.model.spec, p)) for p in proba]
+
+    def reset_to(self, model: Model, state: LearnerState) -> None:
+        """Adopt a new head (after a rollback or another writer's change)."""
+        self.model = model
+        self.state = state
+        self.digest = state_digest(state)
+
+
+def _all_finite(state: LearnerState) -> bool:
+    import jax
+
+    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree_util.tree_leaves(state))

@@ -1,0 +1,187 @@
+"""The ``learnledger`` command line: demo, register, simulate, history, time travel, audit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+class CliError(Exception):
+    """A one-line error for stderr; the command exits non-zero without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"learnledger: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``learnledger`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("learnledger: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place that turns any failure into one line
+        from domain.errors import LedgerError
+
+        if isinstance(exc, (CliError, LedgerError)):
+            print(f"learnledger: error: {exc}", file=sys.stderr)
+        else:
+            print(f"learnledger: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = _Parser(prog="learnledger", description="Event-sourced, audit-first online learning.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on a drifting stream")
+    p.add_argument("--events", type=_positive_int, default=20_000, help="examples to stream (default 20000)")
+    p.add_argument("--model", default="demo", help="model name (default demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(handler=_handler("demo"))
+
+    p = sub.add_parser("register", help="register a model")
+    p.add_argument("model")
+    _add_spec_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("register"))
+
+    p = sub.add_parser("models", help="list models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("models"))
+
+    p = sub.add_parser("history", help="one row per model version")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("history"))
+
+    audit = sub.add_parser("audit", help="audit tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser)
+    p = audit_sub.add_parser("verify", help="replay from genesis and compare every recorded digest")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("audit_verify"))
+
+    p = sub.add_parser("at", help="the model's state at a version or time")
+    p.add_argument("model")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--version", type=_positive_int)
+    when.add_argument("--time", type=_iso_time, help="ISO 8601 with timezone")
+    p.add_argument("--predict", help="JSON list of feature values to score with that state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("at"))
+
+    p = sub.add_parser("rollback", help="make an earlier version's state the head state")
+    p.add_argument("model")
+    p.add_argument("--to-version", type=_positive_int, required=True)
+    p.add_argument("--reason", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("rollback"))
+
+    for name, text in (("pause", "stop learning"), ("resume", "start learning again")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model")
+        p.add_argument("--reason", required=True)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=_handler(name))
+
+    p = sub.add_parser("simulate", help="backtest a learner on a JSONL file through the full path")
+    p.add_argument("model")
+    p.add_argument("--input", required=True, type=Path, help='JSONL: {"features": [...], "label": y} per line')
+    p.add_argument("--label-delay", type=_non_negative_int, default=0, help="labels arrive N predictions later")
+    _add_spec_flags(p, kind_required=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("simulate"))
+    return parser
+
+
+def _add_spec_flags(p: argparse.ArgumentParser, *, kind_required: bool = True) -> None:
+    p.add_argument("--learner", dest="kind", choices=["logistic", "softmax", "linear", "mlp"],
+                   help="learner kind" + (" (required unless --spec)" if kind_required else ""))
+    p.add_argument("--features", type=_positive_int, dest="n_features")
+    p.add_argument("--head", choices=["binary", "multiclass", "regression"])
+    p.add_argument("--classes", type=_positive_int, dest="n_classes")
+    p.add_argument("--hidden", type=lambda s: tuple(int(v) for v in s.split(",")), help="e.g. 32,16")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adagrad"])
+    p.add_argument("--lr", type=float, dest="learning_rate")
+    p.add_argument("--l2", type=float)
+    p.add_argument("--batch-size", type=_positive_int, dest="batch_size")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--spec", type=Path, help="JSON file with any of the spec fields")
+
+
+def _handler(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from server import commands
+
+        result: int = getattr(commands, f"cmd_{name}")(args)
+        return result
+
+    return run
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    """Print ``payload`` as one JSON object with ``--json``, else the human text."""
+    if getattr(args, "json", False):
+        sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS).decode() + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def _iso_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"the time needs a timezone (e.g. Z or +00:00): {value!r}")
+    return parsed
+
+
+def load_json_file(path: Path) -> Any:
+    """Read a JSON file or raise a one-line ``CliError``."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path} is not valid JSON: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

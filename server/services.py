@@ -1,0 +1,189 @@
+"""Application services: domain use cases joined with the learner projections."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+
+from domain.errors import VersionNotFoundError
+from domain.ledger import Ledger
+from domain.model import Model
+from domain.spec import LearnerSpec
+from domain.validation import require_features
+from projections.digest import state_digest, state_to_bytes
+from projections.learners import decide, make_learner
+from projections.learning import ModelLearner, Scored
+from projections.platform import platform_fingerprint
+from projections.replay import FoldedState, Replayer, VerifyReport
+from projections.store import LedgerRecorder
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One row of a model's history: what happened at that version."""
+
+    version: int
+    event: str
+    time: datetime
+    batch_size: int
+    params_digest: str
+    loss_before: float | None
+    loss_after: float | None
+    actor: str
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        return {
+            "version": self.version,
+            "event": self.event,
+            "time": self.time.isoformat(),
+            "batch_size": self.batch_size,
+            "params_digest": self.params_digest,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "actor": self.actor,
+            "detail": self.detail,
+        }
+
+
+class LedgerService:
+    """The use cases the CLI and the gRPC servicers call."""
+
+    def __init__(self, ledger: Ledger, *, snapshot_interval: int = 100):
+        self.ledger = ledger
+        self.snapshot_interval = snapshot_interval
+        self.replayer = Replayer(ledger, snapshot_interval=snapshot_interval)
+        self._learners: dict[UUID, ModelLearner] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> LedgerRecorder | None:
+        """The PostgreSQL recorder, when the ledger runs on one (always, outside unit tests)."""
+        return self.replayer.store
+
+    # --- models ------------------------------------------------------------------------
+
+    def register_model(self, name: str, spec: LearnerSpec, actor: str) -> Model:
+        """Register a model with its initial-state digest and this platform's fingerprint."""
+        learner = make_learner(spec)
+        initial = learner.init()
+        return self.ledger.register_model(
+            name, spec, platform=platform_fingerprint(), initial_digest=state_digest(initial), actor=actor
+        )
+
+    def history(self, name: str) -> list[VersionRow]:
+        """One row per model version, oldest first."""
+        model = self.ledger.get_model(name)
+        rows: list[VersionRow] = []
+        digest = ""
+        for event in self.ledger.get_model_events(model.id):
+            # Pauses, resumes and rejected updates leave the parameters as they were.
+            digest = getattr(event, "digest", None) or getattr(event, "initial_digest", None) or digest
+            rows.append(_version_row(event, digest))
+        return rows
+
+    def state_at(self, name: str, *, version: int | None = None, at_time: datetime | None = None) -> FoldedState:
+        """The learner state at a version, or the version in force at a time."""
+        model = self.ledger.get_model(name)
+        if at_time is not None:
+            version = self.version_at_time(model, at_time)
+        return self.replayer.state_at(model.id, version)
+
+    def version_at_time(self, model: Model, at_time: datetime) -> int:
+        """The newest version whose event was recorded at or before ``at_time``."""
+        found = 0
+        for event in self.ledger.get_model_events(model.id):
+            if event.timestamp <= at_time:
+                found = event.originator_version
+            else:
+                break
+        if found == 0:
+            raise VersionNotFoundError(f"model {model.name!r} did not exist at {at_time.isoformat()}")
+        return found
+
+    def score(self, folded: FoldedState, spec: LearnerSpec, features: list[float]) -> Scored:
+        """Score one feature vector with a (historical) state."""
+        row = np.asarray([require_features(features, spec.n_features, "model")], dtype=np.float64)
+        proba = make_learner(spec).predict_proba(folded.state, row)
+        return Scored(*decide(spec, proba[0]))
+
+    def roll_back(self, name: str, to_version: int, reason: str, actor: str) -> Model:
+        """Record a rollback, then make the live learner serve the target's state."""
+        model = self.ledger.roll_back_model(name, to_version, reason, actor)
+        with self._lock:
+            live = self._learners.get(model.id)
+            if live is not None:
+                live.reset_to(model, self.replayer.state_at(model.id, to_version).state)
+        return model
+
+    def pause(self, name: str, reason: str, actor: str) -> Model:
+        """Pause learning (recorded)."""
+        model = self.ledger.pause_model(name, reason, actor)
+        self._refresh_live(model)
+        return model
+
+    def resume(self, name: str, reason: str, actor: str) -> Model:
+        """Resume learning (recorded)."""
+        model = self.ledger.resume_model(name, reason, actor)
+        self._refresh_live(model)
+        return model
+
+    def verify(self, name: str | None = None) -> list[VerifyReport]:
+        """Replay every model (or one) from genesis and compare every recorded digest."""
+        models = [self.ledger.get_model(name)] if name else self.ledger.list_models()
+        return [self.replayer.verify(m.id) for m in models]
+
+    # --- live learners ---------------------------------------------------------------------
+
+    def live_learner(self, name: str) -> ModelLearner:
+        """The in-process learner serving a model's head state (built by replay once)."""
+        model = self.ledger.get_model(name)
+        with self._lock:
+            live = self._learners.get(model.id)
+            if live is None or live.version != model.version:
+                folded = self.replayer.state_at(model.id)
+                live = ModelLearner(model, folded.state)
+                self._learners[model.id] = live
+            return live
+
+    def save_snapshot(self, model_id: UUID, version: int, learner: ModelLearner) -> None:
+        """Cache the live state's parameters at ``version`` (after its event committed)."""
+        if self.store is not None:
+            self.store.put_snapshot(model_id, version, learner.digest, state_to_bytes(learner.state))
+
+    def _refresh_live(self, model: Model) -> None:
+        with self._lock:
+            live = self._learners.get(model.id)
+            if live is not None:
+                live.model = model
+
+
+def _version_row(event: Any, digest: str) -> VersionRow:
+    name = type(event).__name__
+    ids = getattr(event, "prediction_ids", ())
+    detail = ""
+    if name == "RolledBack":
+        detail = f"to version {event.to_version}: {event.reason}"
+    elif name in ("Paused", "Resumed"):
+        detail = event.reason
+    elif name == "UpdateRejected":
+        detail = event.reason
+    elif name == "Registered":
+        detail = f"{event.spec.kind} learner, {event.spec.n_features} features"
+    return VersionRow(
+        version=event.originator_version,
+        event=name,
+        time=event.timestamp,
+        batch_size=len(ids),
+        params_digest=digest,
+        loss_before=getattr(event, "loss_before", None),
+        loss_after=getattr(event, "loss_after", None),
+        actor=getattr(event, "actor", ""),
+        detail=detail,
+    )
