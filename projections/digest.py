@@ -68,9 +68,7 @@ def state_to_bytes(state: LearnerState) -> bytes:
     entries: list[dict[str, Any]] = []
     offset = 0
     for arr in arrays:
-        entries.append(
-            {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes}
-        )
+        entries.append({"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes})
         offset = _aligned(offset + arr.nbytes)
     header = orjson.dumps({"digest": _digest_arrays(arrays), "leaves": entries})
     head = _MAGIC + _HEADER_LEN.pack(len(header)) + header

@@ -119,7 +119,8 @@ class LedgerService:
         with self._lock:
             live = self._learners.get(model.id)
             if live is not None:
-                live.reset_to(model, self.replayer.state_at(model.id, to_version).state)
+                # The learner gets its own copy: it appends to the aggregate as it learns.
+                live.reset_to(self.ledger.get_model(name), self.replayer.state_at(model.id, to_version).state)
         return model
 
     def pause(self, name: str, reason: str, actor: str) -> Model:
@@ -161,7 +162,7 @@ class LedgerService:
         with self._lock:
             live = self._learners.get(model.id)
             if live is not None:
-                live.model = model
+                live.model = self.ledger.get_model_by_id(model.id)
 
 
 def _version_row(event: Any, digest: str) -> VersionRow:

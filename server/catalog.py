@@ -1,0 +1,81 @@
+"""The served heads: one immutable snapshot per model, swapped atomically after commits."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from uuid import UUID
+
+from domain.model import Model
+from domain.spec import LearnerSpec
+from projections.learners import Learner, LearnerState, make_learner
+from server.services import LedgerService
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a prediction is scored with: a committed version's state and digest.
+
+    Frozen and replaced as a whole, so a Predict never sees a half-updated head and the
+    version it records is exactly the state it used.
+    """
+
+    model_id: UUID
+    name: str
+    spec: LearnerSpec
+    version: int
+    digest: str
+    state: LearnerState
+    paused: bool
+
+    @property
+    def learner(self) -> Learner:
+        """The spec's pure functions (cached per spec by ``make_learner``)."""
+        return make_learner(self.spec)
+
+
+class ModelCatalog:
+    """Served models by name.
+
+    Reads are a dictionary lookup (no database round trip on the Predict path). A head
+    is loaded by replay on first use and afterwards replaced only by ``publish``, which
+    the learner loop and operator commands call once their events have committed.
+    Versions only grow, so a slower concurrent load can never put an older head back.
+    """
+
+    def __init__(self, service: LedgerService):
+        self.service = service
+        self._by_name: dict[str, ServedModel] = {}
+        self._load_lock = threading.Lock()
+        self.changed = threading.Condition()
+
+    def get(self, name: str) -> ServedModel:
+        """The served head of a model. Raises ``ModelNotFoundError``."""
+        served = self._by_name.get(name)
+        if served is not None:
+            return served
+        with self._load_lock:
+            served = self._by_name.get(name)
+            if served is None:
+                served = self.load(self.service.ledger.get_model(name))
+        return served
+
+    def load(self, model: Model) -> ServedModel:
+        """Fold the model's head state from the log and publish it."""
+        folded = self.service.replayer.state_at(model.id, model.version)
+        served = ServedModel(model.id, model.name, model.spec, model.version, folded.digest, folded.state, model.paused)
+        return self.publish(served)
+
+    def publish(self, served: ServedModel) -> ServedModel:
+        """Serve ``served`` unless a newer version is served already; returns the winner."""
+        with self.changed:
+            current = self._by_name.get(served.name)
+            if current is not None and current.version > served.version:
+                return current
+            self._by_name[served.name] = served
+            self.changed.notify_all()
+        return served
+
+    def peek(self, name: str) -> ServedModel | None:
+        """The served head if loaded, without loading it."""
+        return self._by_name.get(name)
