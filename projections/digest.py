@@ -95,6 +95,9 @@ def state_from_bytes(template: LearnerState, data: bytes) -> LearnerState:
         ValueError: if the blob is malformed or corrupted, or any leaf's count, dtype
             or shape differs from the template's (a state of another spec).
     """
+    # Immutable bytes (a no-op for bytes): the device arrays may alias this buffer on CPU,
+    # so a caller's later write to a bytearray or memoryview must not reach the state.
+    data = bytes(data)
     template_leaves, treedef = jax.tree_util.tree_flatten(template)
     header, payload_start = _read_header(data)
     entries = header["leaves"]

@@ -113,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_flags(p, kind_required=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_handler("simulate"))
+
+    p = sub.add_parser("serve", help="run the gRPC server (embedded PostgreSQL unless LEARNLEDGER_DATABASE_URL)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_non_negative_int, default=50051, help="TCP port; 0 picks one (default 50051)")
+    p.add_argument("--tokens", type=Path, help='JSON {"tokens": [{"token", "name", "roles"}]}; none: no auth, loopback')
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
+    p.add_argument("--no-learner", action="store_true", help="do not run the learner loop in this process")
+
+    def serve(args: argparse.Namespace) -> int:
+        from server.serve import cmd_serve
+
+        return cmd_serve(args)
+
+    p.set_defaults(handler=serve)
     return parser
 
 
@@ -184,4 +199,8 @@ def load_json_file(path: Path) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import so that `python -m server.cli` and the console script share one module
+    # (and one CliError class) instead of a second copy named __main__.
+    from server.cli import main as _main
+
+    sys.exit(_main())

@@ -217,10 +217,10 @@ def test_predictions_have_the_contracted_shapes(name: str) -> None:
         learner.predict(state, np.zeros((2, spec.n_features + 1)))
 
 
-@pytest.mark.parametrize("name", ["softmax-sgd", "mlp-multiclass-adagrad"])
-def test_strict_dtype_promotion(name: str) -> None:
-    # optax's adam promotes int/float internally, so only the sgd/adagrad specs run strict.
-    spec = SPECS[name]
+def test_strict_dtype_promotion() -> None:
+    # optax's adam promotes int/float internally, so an adagrad MLP (our code end to end,
+    # softmax head included) is what runs strict.
+    spec = SPECS["mlp-multiclass-adagrad"]
     learner = make_learner(spec)
     with jax.numpy_dtype_promotion("strict"):
         state = _run(learner, list(_stream(spec, 2)))
@@ -249,9 +249,9 @@ def test_linear_regression_reduces_loss() -> None:
 
 def test_mlp_beats_logistic_on_xor() -> None:
     rng = np.random.default_rng(12)
-    x = rng.uniform(-1.0, 1.0, size=(32 * 300 + 500, 2))
+    x = rng.uniform(-1.0, 1.0, size=(32 * 200 + 500, 2))
     y = (x[:, 0] * x[:, 1] > 0).astype(np.float64)
-    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 32 * 300, 32)]
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 32 * 200, 32)]
     mlp = make_learner(LearnerSpec(kind="mlp", n_features=2, hidden=(16,), learning_rate=0.03, batch_size=32))
     logistic = make_learner(LearnerSpec(kind="logistic", n_features=2, batch_size=32))
     mlp_acc = _accuracy(mlp, _run(mlp, batches), x[-500:], y[-500:])

@@ -1,0 +1,153 @@
+"""Build, start and stop the gRPC server: writer, learner loop, servicer, health, reflection."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from learnledger.v1 import ledger_pb2, ledger_pb2_grpc
+from server.auth import AuthInterceptor, TokenTable
+from server.catalog import ModelCatalog
+from server.learner_loop import LearnerLoop
+from server.servicer import LedgerServicer
+from server.services import LedgerService
+from server.serving import ServingService
+from server.writer import GroupCommitWriter
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server runs (never what it computes).
+
+    Attributes:
+        host: interface to bind; forced to loopback when ``tokens`` is None.
+        port: TCP port; 0 picks a free one.
+        tokens: the token table, or None to run without authentication.
+        tls_cert: PEM certificate chain; with ``tls_key`` the port serves TLS only.
+        tls_key: PEM private key.
+        learner: run the learner loop in this process.
+        max_message_bytes: larger messages are refused with RESOURCE_EXHAUSTED.
+        workers: RPC handler threads (each in-flight unary call holds one while it waits
+            for its commit, so this bounds the concurrency the writer can batch).
+        max_batch_events: most events per group-commit transaction.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    tokens: TokenTable | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    learner: bool = True
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    workers: int = 128
+    max_batch_events: int = 1000
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class LedgerServer:
+    """A running ``learnledger.v1.Ledger`` server over one ``LedgerService``."""
+
+    def __init__(self, service: LedgerService, settings: ServerSettings):
+        self.service = service
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.writer = GroupCommitWriter(service.ledger, max_events=settings.max_batch_events)
+        self.catalog = ModelCatalog(service)
+        self.learner = LearnerLoop(service, self.writer, self.catalog) if settings.learner else None
+        if self.learner is not None:
+            self.writer.add_listener(self.learner.on_commit)
+        self.serving = ServingService(service, self.writer, self.catalog)
+        self.health = health.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(settings.tokens)],
+            options=options,
+            maximum_concurrent_rpcs=settings.workers * 8,
+        )
+        servicer = LedgerServicer(service, self.serving, self.catalog, self.learner, self.stopping)
+        ledger_pb2_grpc.add_LedgerServicer_to_server(servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.host = settings.host if settings.tokens is not None or is_loopback(settings.host) else "127.0.0.1"
+        if self.host != settings.host:
+            log.warning("no tokens file: authentication is off, so binding to loopback %s instead of %s",
+                        self.host, settings.host)
+        elif settings.tokens is None:
+            log.warning("no tokens file: authentication is off; listening on loopback only (%s)", self.host)
+        address = f"{self.host}:{settings.port}"
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on."""
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        """Start the writer, recover and start the learner, then take traffic."""
+        self.writer.start()
+        if self.learner is not None:
+            self.learner.recover()
+            self.learner.start()
+        self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("learnledger serving on %s", self.address)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Graceful stop: no new calls, in-flight calls finish, queued events commit.
+
+        Order matters: RPCs first (their events are queued or committing), then the
+        learner (it may still submit updates), then the writer (drains the queue).
+        """
+        self.health.enter_graceful_shutdown()
+        self.stopping.set()
+        with self.catalog.changed:
+            self.catalog.changed.notify_all()
+        self.grpc.stop(grace).wait()
+        if self.learner is not None:
+            self.learner.stop()
+        self.writer.close()
+        log.info("learnledger stopped: %d events in %d transactions", self.writer.stats.events,
+                 self.writer.stats.transactions)
+
+    def wait(self) -> None:
+        """Block until the gRPC server terminates."""
+        self.grpc.wait_for_termination()
+
+
+def build_server(service: LedgerService, settings: ServerSettings) -> LedgerServer:
+    """A configured, not yet started server."""
+    return LedgerServer(service, settings)
