@@ -6,7 +6,7 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -33,7 +33,6 @@ from domain.prediction import (
 from domain.spec import LearnerSpec
 
 MODEL_REGISTERED_TOPIC = get_topic(Model.Registered)
-_T = TypeVar("_T")
 
 
 class LabelStatus(enum.Enum):
@@ -93,9 +92,7 @@ class Ledger(Application):
         """Create a model. Raises ``ModelExistsError`` if the name is taken."""
         validate_model_name(name)
         spec.validate()
-        model = Model(
-            name=name, spec=spec, platform=platform, initial_digest=initial_digest, actor=actor
-        )
+        model = Model(name=name, spec=spec, platform=platform, initial_digest=initial_digest, actor=actor)
         try:
             self.save(model)
         except IntegrityError:
@@ -118,9 +115,7 @@ class Ledger(Application):
         """The model's domain state at ``version``. Raises ``VersionNotFoundError``."""
         head = self.get_model(name)
         if not 1 <= version <= head.version:
-            raise VersionNotFoundError(
-                f"model {name!r} has versions 1 to {head.version}, not {version}"
-            )
+            raise VersionNotFoundError(f"model {name!r} has versions 1 to {head.version}, not {version}")
         model: Model = self.repository.get(head.id, version=version)
         return model
 
@@ -149,10 +144,9 @@ class Ledger(Application):
         """
 
         def roll_back(model: Model) -> None:
-            if not 1 <= to_version < model.version:
-                target_digest = ""  # the command's own check names the valid range
-            else:
-                target_digest = self.get_model_at(name, to_version).digest
+            # Out of range: the command's own check raises with the valid range.
+            in_range = 1 <= to_version < model.version
+            target_digest = self.get_model_at(name, to_version).digest if in_range else ""
             model.roll_back(to_version, target_digest, reason, actor)
 
         return self._change_model(name, roll_back)
@@ -179,9 +173,7 @@ class Ledger(Application):
         out: list[UUID] = []
         start = 1
         while True:
-            page = self.recorder.select_notifications(
-                start, 1000, topics=[MODEL_REGISTERED_TOPIC]
-            )
+            page = self.recorder.select_notifications(start, 1000, topics=[MODEL_REGISTERED_TOPIC])
             out.extend(UUID(str(n.originator_id)) for n in page)
             if len(page) < 1000:
                 return out
@@ -209,9 +201,7 @@ class Ledger(Application):
             stored = [s for pid in ids for s in self.recorder.select_events(pid)]
         by_id: dict[UUID, list[Any]] = {}
         for item in stored:
-            by_id.setdefault(UUID(str(item.originator_id)), []).append(
-                self.mapper.to_domain_event(item)
-            )
+            by_id.setdefault(UUID(str(item.originator_id)), []).append(self.mapper.to_domain_event(item))
         out: dict[UUID, Prediction] = {}
         for pid, events in by_id.items():
             aggregate: Prediction | None = None
@@ -265,9 +255,7 @@ class Ledger(Application):
                 earlier = prediction.label
             if earlier is not None:
                 if earlier != label:
-                    raise ConflictingLabelError(
-                        f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}"
-                    )
+                    raise ConflictingLabelError(f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}")
                 outcomes.append(LabelOutcome(pid, LabelStatus.DUPLICATE, None))
                 continue
             seen[pid] = label
@@ -296,11 +284,14 @@ class Ledger(Application):
         """
         if not events:
             return []
+        # Straight to the recorder: EventStore.put would also build a Recording object
+        # per event, which the hot path never reads.
+        stored = [self.mapper.to_stored_event(e) for e in events]
         try:
-            recordings = self.events.put(events)
+            ids = self.recorder.insert_events(stored)
         except IntegrityError as exc:
             raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
-        return [r.notification.id for r in recordings]
+        return list(ids or [])
 
     def _spec_of(self, model_id: UUID) -> LearnerSpec:
         # Specs never change after registration, so caching them is always safe.
@@ -309,8 +300,3 @@ class Ledger(Application):
         if spec is None:
             spec = cache[model_id] = self.get_model_by_id(model_id).spec
         return spec
-
-
-def first(items: Iterable[_T]) -> _T | None:
-    """The first item, or None."""
-    return next(iter(items), None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from eventsourcing.domain import DomainEventProtocol
@@ -47,8 +47,8 @@ class TypedMapper(Mapper):
     ``TypeAdapter`` (≈3 µs an event).
     """
 
-    _adapters: dict[type, TypeAdapter[Any]] = {}
-    _topics: dict[type, str] = {}
+    _adapters: ClassVar[dict[type, TypeAdapter[Any]]] = {}
+    _topics: ClassVar[dict[type, str]] = {}
 
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         """Encode an event; the same bytes as the library's mapper, without its overheads."""

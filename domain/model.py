@@ -26,9 +26,7 @@ def validate_model_name(name: str) -> None:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidArgumentError(f"model name must be 1 to {MAX_NAME_LENGTH} characters")
     if not all(c.isalnum() or c in "-_." for c in name):
-        raise InvalidArgumentError(
-            f"model name {name!r} may contain only letters, digits, '-', '_' and '.'"
-        )
+        raise InvalidArgumentError(f"model name {name!r} may contain only letters, digits, '-', '_' and '.'")
 
 
 class Model(Aggregate):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -103,7 +104,7 @@ def make_prediction_event(
     model_name: str,
     model_version: int,
     spec: LearnerSpec,
-    features: tuple[float, ...] | list[float],
+    features: Sequence[float],
     score: float,
     decision: float,
     params_digest: str,
@@ -126,7 +127,8 @@ def make_prediction_event(
     require_finite("decision", decision)
     if routing not in ROUTINGS:
         raise InvalidArgumentError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
-    return Prediction.Made(
+    # The library's metaclass makes events dataclasses; mypy cannot see their fields.
+    return Prediction.Made(  # type: ignore[call-arg]
         originator_id=prediction_id,
         originator_version=1,
         timestamp=timestamp,
@@ -149,9 +151,7 @@ def check_same_prediction(existing: Prediction.Made | Prediction, model_id: UUID
         ConflictingPredictionError: the id was used for another model or other features.
     """
     if existing.model_id != model_id or tuple(existing.features) != tuple(features):
-        raise ConflictingPredictionError(
-            "prediction_id was used already with different features or another model"
-        )
+        raise ConflictingPredictionError("prediction_id was used already with different features or another model")
 
 
 def validate_label(spec: LearnerSpec, label: float) -> float:
@@ -191,7 +191,7 @@ def make_label_event(
     timestamp: datetime,
 ) -> Prediction.Labeled:
     """Build the ``Prediction.Labeled`` event (version 2 of the prediction's stream)."""
-    return Prediction.Labeled(
+    return Prediction.Labeled(  # type: ignore[call-arg]
         originator_id=prediction_id,
         originator_version=2,
         timestamp=timestamp,

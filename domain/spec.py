@@ -60,9 +60,7 @@ class LearnerSpec:
     def __post_init__(self) -> None:
         # Fill derived defaults so that the recorded spec is explicit and complete.
         if not self.feature_names and self.n_features > 0:
-            object.__setattr__(
-                self, "feature_names", tuple(f"x{i}" for i in range(self.n_features))
-            )
+            object.__setattr__(self, "feature_names", tuple(f"x{i}" for i in range(self.n_features)))
         if not self.head:
             implied = {"logistic": "binary", "softmax": "multiclass", "linear": "regression"}
             object.__setattr__(self, "head", implied.get(self.kind, "binary"))
@@ -80,9 +78,7 @@ class LearnerSpec:
         if not 1 <= self.n_features <= 100_000:
             raise InvalidSpecError(f"n_features must be between 1 and 100000, got {self.n_features}")
         if len(self.feature_names) != self.n_features:
-            raise InvalidSpecError(
-                f"feature_names has {len(self.feature_names)} names for {self.n_features} features"
-            )
+            raise InvalidSpecError(f"feature_names has {len(self.feature_names)} names for {self.n_features} features")
         if len(set(self.feature_names)) != len(self.feature_names):
             raise InvalidSpecError("feature_names must be unique")
         if self.head == "multiclass" and not 2 <= self.n_classes <= 1000:

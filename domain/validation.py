@@ -22,9 +22,7 @@ def require_features(values: Sequence[float], n_features: int, model_name: str) 
         NonFiniteValueError: a NaN or infinite value, naming its index.
     """
     if len(values) != n_features:
-        raise InvalidArgumentError(
-            f"model {model_name!r} expects {n_features} features, got {len(values)}"
-        )
+        raise InvalidArgumentError(f"model {model_name!r} expects {n_features} features, got {len(values)}")
     out = tuple(float(v) for v in values)
     for i, v in enumerate(out):
         if not math.isfinite(v):

@@ -12,7 +12,7 @@ import numpy as np
 
 from domain.errors import FailedPreconditionError
 from domain.model import Model
-from projections.digest import state_digest
+from projections.digest import StateLayout, digest_from_image, state_digest
 from projections.learners import Learner, LearnerState, decide, make_batch, make_learner
 
 LEARNER_ACTOR = "learner"
@@ -49,8 +49,22 @@ class ModelLearner:
         self.learner: Learner = make_learner(model.spec)
         self.state = state
         self.digest = state_digest(state)
+        self.layout = StateLayout.of(state)
         self.actor = actor
         self.buffer: deque[LabeledExample] = deque()
+
+    def warm_up(self) -> None:
+        """Compile the step and the scorer now, not on the first live batch.
+
+        An all-padding batch is stepped and thrown away; the live state is untouched.
+        Without this the first step of a fresh process stalls learning for a second or
+        two while XLA compiles, and predictions keep being served by the old version.
+        """
+        spec = self.model.spec
+        empty = make_batch(spec, np.zeros((0, spec.n_features)), np.zeros((0,)))
+        _, metrics = self.learner.update_step(self.state, empty)
+        np.asarray(metrics["state_bytes"])
+        self.learner.predict_proba(self.state, np.zeros((1, spec.n_features)))
 
     @property
     def version(self) -> int:
@@ -79,10 +93,9 @@ class ModelLearner:
         y = np.asarray([e.label for e in taken], dtype=np.float64)
         ids = tuple(e.prediction_id for e in taken)
         candidate, metrics = self.learner.update_step(self.state, make_batch(spec, x, y))
-        loss_before = float(metrics["loss"])
-        loss_after = float(metrics.get("loss_after", metrics["loss"]))
-        if _all_finite(candidate) and math.isfinite(loss_before):
-            digest = state_digest(candidate)
+        loss_before, loss_after, _, finite_flag = (float(v) for v in np.asarray(metrics["summary"]))
+        digest = digest_from_image(self.layout, np.asarray(metrics["state_bytes"]))
+        if finite_flag == 1.0 and math.isfinite(loss_before) and math.isfinite(loss_after):
             self.model.apply_update(ids, int(candidate.step), loss_before, loss_after, digest, self.actor)
             self.state, self.digest = candidate, digest
         else:
@@ -99,9 +112,3 @@ class ModelLearner:
         self.model = model
         self.state = state
         self.digest = state_digest(state)
-
-
-def _all_finite(state: LearnerState) -> bool:
-    import jax
-
-    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree_util.tree_leaves(state))

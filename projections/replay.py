@@ -19,7 +19,7 @@ from domain.model import Model
 from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.digest import state_digest, state_from_bytes, state_to_bytes
-from projections.learners import Batch, Learner, LearnerState, make_batch, make_learner
+from projections.learners import Learner, LearnerState, make_batch, make_learner
 from projections.store import LedgerRecorder
 
 PREFETCH_UPDATES = 64
@@ -69,8 +69,9 @@ class VerifyReport:
         return self.divergence is None
 
 
-def examples_for(ledger: Ledger, model_id: UUID, spec: LearnerSpec, ids: Sequence[UUID],
-                 known: dict[UUID, Prediction] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def examples_for(
+    ledger: Ledger, model_id: UUID, spec: LearnerSpec, ids: Sequence[UUID], known: dict[UUID, Prediction] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Features as used and labels of labeled predictions, in the given order.
 
     Raises:
@@ -126,8 +127,8 @@ class Replayer:
         if start is not None:
             events = [e for e in events if e.originator_version > start.version]
         folded = start
-        for folded in self._fold(learner, head, events, start, use_snapshots=use_snapshots):
-            pass
+        for step in self._fold(learner, head, events, start, use_snapshots=use_snapshots):
+            folded = step
         assert folded is not None
         return folded
 
@@ -220,4 +221,3 @@ def _recorded_digest(event: Any) -> str | None:
     if isinstance(event, (Model.UpdateApplied, Model.RolledBack)):
         return event.digest
     return None
-

@@ -36,8 +36,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
         table = Identifier(self.events_table_name)
         qualified = f"{self.datastore.schema}.{self.events_table_name}"
         self.copy_statement = SQL(
-            "COPY {schema}.{table} (originator_id, originator_version, topic, state) "
-            "FROM STDIN (FORMAT BINARY)"
+            "COPY {schema}.{table} (originator_id, originator_version, topic, state) FROM STDIN (FORMAT BINARY)"
         ).format(schema=schema, table=table)
         self.currval_statement = SQL("SELECT currval(pg_get_serial_sequence({q}, 'notification_id')) AS last").format(
             q=Literal(qualified)
@@ -54,8 +53,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
             [
                 # Models are few and listing them must not scan millions of predictions.
                 SQL(
-                    "CREATE INDEX IF NOT EXISTS {index} ON {schema}.{table} (notification_id) "
-                    "WHERE topic = {topic}"
+                    "CREATE INDEX IF NOT EXISTS {index} ON {schema}.{table} (notification_id) WHERE topic = {topic}"
                 ).format(
                     topic=Literal(MODEL_REGISTERED_TOPIC),
                     index=Identifier(f"{self.events_table_name}_model_topic_idx"),
@@ -125,6 +123,16 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 )
                 for row in curs.fetchall()
             ]
+
+    def select_notification_id(self, originator_id: UUID, originator_version: int) -> int | None:
+        """The log position of one event, if it was recorded."""
+        statement = SQL(
+            "SELECT notification_id FROM {schema}.{table} WHERE originator_id = %s AND originator_version = %s"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (originator_id, originator_version))
+            row = curs.fetchone()
+        return int(row["notification_id"]) if row else None
 
     def select_originator_ids_by_topic(self, topic: str) -> list[UUID]:
         """Ids of the aggregates that have an event of ``topic``, in log order."""

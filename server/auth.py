@@ -169,7 +169,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return ANONYMOUS_CALLER, (grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
         role = METHOD_ROLES[rpc]
         if role is not None and role not in caller.roles:
-            return caller, (grpc.StatusCode.PERMISSION_DENIED, f"{caller.name!r} lacks the {role!r} role needed by {rpc}")
+            denied = f"{caller.name!r} lacks the {role!r} role needed by {rpc}"
+            return caller, (grpc.StatusCode.PERMISSION_DENIED, denied)
         return caller, None
 
 

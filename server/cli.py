@@ -132,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_spec_flags(p: argparse.ArgumentParser, *, kind_required: bool = True) -> None:
-    p.add_argument("--learner", dest="kind", choices=["logistic", "softmax", "linear", "mlp"],
-                   help="learner kind" + (" (required unless --spec)" if kind_required else ""))
+    p.add_argument(
+        "--learner",
+        dest="kind",
+        choices=["logistic", "softmax", "linear", "mlp"],
+        help="learner kind" + (" (required unless --spec)" if kind_required else ""),
+    )
     p.add_argument("--features", type=_positive_int, dest="n_features")
     p.add_argument("--head", choices=["binary", "multiclass", "regression"])
     p.add_argument("--classes", type=_positive_int, dest="n_classes")

@@ -17,7 +17,18 @@ from server.bootstrap import Runtime, runtime
 from server.cli import EXIT_DIVERGED, CliError, emit, load_json_file
 
 CLI_ACTOR = "cli"
-SPEC_FLAGS = ("kind", "n_features", "head", "n_classes", "hidden", "optimizer", "learning_rate", "l2", "batch_size", "seed")
+SPEC_FLAGS = (
+    "kind",
+    "n_features",
+    "head",
+    "n_classes",
+    "hidden",
+    "optimizer",
+    "learning_rate",
+    "l2",
+    "batch_size",
+    "seed",
+)
 
 
 def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> LearnerSpec:
@@ -44,7 +55,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     with runtime() as rt:
         model = rt.service.register_model(args.model, spec, CLI_ACTOR)
-        emit(args, _model_json(model), f"registered {model.name} ({spec.kind}, {spec.n_features} features) at version 1")
+        emit(
+            args, _model_json(model), f"registered {model.name} ({spec.kind}, {spec.n_features} features) at version 1"
+        )
     return 0
 
 
@@ -53,10 +66,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     with runtime() as rt:
         models = rt.ledger.list_models()
         rows = [_model_json(m) for m in models]
-        text = "\n".join(
-            f"{m['name']:<24} v{m['version']:<8} {m['kind']:<9} {'paused' if m['paused'] else 'learning':<8} {m['params_digest'][:19]}"
-            for m in rows
-        ) or "no models"
+        text = (
+            "\n".join(
+                f"{m['name']:<24} v{m['version']:<8} {m['kind']:<9} "
+                f"{'paused' if m['paused'] else 'learning':<8} {m['params_digest'][:19]}"
+                for m in rows
+            )
+            or "no models"
+        )
         emit(args, {"models": rows}, text)
     return 0
 
@@ -133,7 +150,9 @@ def cmd_at(args: argparse.Namespace) -> int:
             features = orjson.loads(args.predict)
         except orjson.JSONDecodeError:
             raise CliError(f"--predict must be a JSON list of numbers, got {args.predict!r}") from None
-        if not isinstance(features, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in features):
+        if not isinstance(features, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in features
+        ):
             raise CliError("--predict must be a JSON list of numbers")
     with runtime() as rt:
         model = rt.ledger.get_model(args.model)
@@ -152,8 +171,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     """``learnledger rollback MODEL --to-version V --reason TEXT``."""
     with runtime() as rt:
         model = rt.service.roll_back(args.model, args.to_version, args.reason, CLI_ACTOR)
-        emit(args, {**_model_json(model), "rolled_back_to": args.to_version},
-             f"{model.name} rolled back to version {args.to_version} as version {model.version} ({model.digest})")
+        emit(
+            args,
+            {**_model_json(model), "rolled_back_to": args.to_version},
+            f"{model.name} rolled back to version {args.to_version} as version {model.version} ({model.digest})",
+        )
     return 0
 
 
@@ -179,7 +201,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     with runtime() as rt:
         spec = _ensure_model(rt, args, x, y)
         if x.shape[1] != spec.n_features:
-            raise CliError(f"{args.input} has {x.shape[1]} features per line; model {args.model!r} expects {spec.n_features}")
+            raise CliError(
+                f"{args.input} has {x.shape[1]} features per line; model {args.model!r} expects {spec.n_features}"
+            )
         _check_labels(spec, y, args.input)
         delays = np.full(len(y), args.label_delay, dtype=np.int64)
         result = _simulate_and_verify(rt, args.model, x, y, delays, quiet=args.json)
@@ -188,36 +212,62 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``learnledger demo``: the main job on a fresh machine."""
+    """``learnledger demo``: the main job on a fresh machine, through a real gRPC server."""
+    from server.demo import run_grpc_demo
     from server.streams import drifting_binary_stream, random_label_delays
 
     stream = drifting_binary_stream(args.events, seed=args.seed)
     delays = random_label_delays(args.events, mean_delay=20.0, seed=args.seed + 1)
+    spec = {"kind": "logistic", "n_features": int(stream.x.shape[1]), "optimizer": "adam",
+            "learning_rate": 0.05, "batch_size": 32, "seed": args.seed}
     with runtime() as rt:
         if not args.json:
             print(f"learnledger demo: PostgreSQL at {rt.database.display_url()}", file=sys.stderr)
-        try:
-            rt.ledger.get_model(args.model)
-        except ModelNotFoundError:
-            spec = LearnerSpec(kind="logistic", n_features=stream.x.shape[1], optimizer="adam",
-                               learning_rate=0.05, batch_size=16, seed=args.seed)
-            rt.service.register_model(args.model, spec, "demo")
-        result = _simulate_and_verify(rt, args.model, stream.x, stream.y, delays, quiet=args.json)
-    result["predictions"] = result["examples"]
+            print(f"  streaming {args.events} examples through an in-process gRPC server; "
+                  "labels arrive late and out of order", file=sys.stderr)
+
+        def show(p: Any) -> None:
+            if not args.json:
+                acc = f"{p.accuracy:.3f}" if p.accuracy is not None else "-"
+                print(f"\r  {p.predictions:>8} predictions  {p.labels:>8} labels  v{p.model_version:<7} "
+                      f"accuracy {acc}  {p.predictions / max(p.seconds, 1e-9):,.0f}/s",
+                      end="", file=sys.stderr, flush=True)
+
+        result = run_grpc_demo(rt.service, args.model, spec, stream.x, stream.y, delays, progress=show)
+        if not args.json:
+            print(file=sys.stderr)
     result["drift_at"] = list(stream.drift_at)
-    emit(args, result, "learnledger demo finished\n" + _result_text(result))
+    text = (
+        "learnledger demo finished\n"
+        f"  model          {result['model']} at version {result['model_version']} ({result['params_digest'][:23]}…)\n"
+        f"  predictions    {result['predictions']} over gRPC (PredictBatch)\n"
+        f"  labels         {result['labels']} ({result['late_labels']} late), delayed and out of order\n"
+        f"  updates        {result['updates']} learned online by the server\n"
+        f"  prequential    accuracy {result['prequential_accuracy']:.4f}, log loss {result['log_loss']:.4f} "
+        f"(concept drifts at {', '.join(map(str, stream.drift_at))})\n"
+        f"  throughput     {result['examples_per_s']:,.0f} examples/s end to end, every event committed\n"
+        f"  audit          {'verified' if result['audit_verified'] else 'FAILED'} "
+        f"({result['versions_checked']} versions replayed from genesis)"
+    )
+    emit(args, result, text)
     return 0 if result["audit_verified"] else EXIT_DIVERGED
 
 
-def _simulate_and_verify(rt: Runtime, model: str, x: np.ndarray, y: np.ndarray, delays: np.ndarray, *, quiet: bool) -> dict[str, Any]:
+def _simulate_and_verify(
+    rt: Runtime, model: str, x: np.ndarray, y: np.ndarray, delays: np.ndarray, *, quiet: bool
+) -> dict[str, Any]:
     from server.simulate import run_simulation
 
     def show(p: Any) -> None:
         if not quiet:
             acc = f"{p.accuracy:.3f}" if p.accuracy is not None else "-"
-            print(f"\r  {p.predictions:>8} predictions  {p.labels:>8} labels  {p.updates:>6} updates  "
-                  f"v{p.model_version:<7} accuracy {acc}  {p.predictions / max(p.seconds, 1e-9):,.0f}/s",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r  {p.predictions:>8} predictions  {p.labels:>8} labels  {p.updates:>6} updates  "
+                f"v{p.model_version:<7} accuracy {acc}  {p.predictions / max(p.seconds, 1e-9):,.0f}/s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     result = run_simulation(rt.service, model, x, y, label_delays=delays, progress=show)
     if not quiet:
@@ -259,7 +309,10 @@ def _result_text(r: dict[str, Any]) -> str:
     if r.get("rmse") is not None:
         lines.append(f"  prequential    rmse {r['rmse']:.4f}")
     lines.append(f"  throughput     {r['examples_per_s']:,.0f} examples/s, every event committed")
-    lines.append(f"  audit          {'verified' if r['audit_verified'] else 'FAILED'} ({r['versions_checked']} versions replayed)")
+    lines.append(
+        f"  audit          {'verified' if r['audit_verified'] else 'FAILED'} "
+        f"({r['versions_checked']} versions replayed)"
+    )
     return "\n".join(lines)
 
 
@@ -312,14 +365,16 @@ def _ensure_model(rt: Runtime, args: argparse.Namespace, x: np.ndarray, y: np.nd
         return model.spec
     given = [flag for flag in SPEC_FLAGS if getattr(args, flag, None) is not None] + (["spec"] if args.spec else [])
     if given:
-        raise CliError(f"model {args.model!r} exists already; its spec cannot change (drop --{given[0].replace('_', '-')})")
+        raise CliError(
+            f"model {args.model!r} exists already; its spec cannot change (drop --{given[0].replace('_', '-')})"
+        )
     return model.spec
 
 
 def default_spec_for(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Defaults suited to a file: logistic for 0/1, softmax for classes, linear otherwise."""
     values = np.unique(y)
-    base: dict[str, Any] = {"n_features": int(x.shape[1]), "optimizer": "adam", "batch_size": 8}
+    base: dict[str, Any] = {"n_features": int(x.shape[1]), "optimizer": "adam", "batch_size": 32}
     if set(values.tolist()) <= {0.0, 1.0}:
         return {**base, "kind": "logistic", "learning_rate": 0.05}
     if np.all(values == np.round(values)) and values.min() >= 0 and values.max() < 1000:

@@ -217,6 +217,7 @@ class LearnerLoop:
         model = self.ledger.get_model_by_id(model_id)
         folded = self.service.replayer.state_at(model.id, model.version)
         learner = ModelLearner(model, folded.state)
+        learner.warm_up()
         self.learners[model.id] = learner
         self._publish(learner)
         return learner

@@ -1,16 +1,10 @@
-"""Reads of the notification log the server needs at start-up: labels not yet learned.
-
-The SQL here belongs with the rest of the store access in ``projections/store.py``; it
-lives in its own module until that file grows a ``labeled_position`` query.
-"""
+"""Reads of the notification log the server needs at start-up: labels not yet learned."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
-
-from psycopg.sql import SQL, Identifier
 
 from domain.ledger import Ledger
 from domain.prediction import LABELED_TOPIC, Prediction
@@ -21,13 +15,8 @@ PAGE = 1000  # pages >= 500: the library's default section size of 10 is 5x slow
 def labeled_position(ledger: Ledger, prediction_id: UUID) -> int | None:
     """The notification id of a prediction's ``Labeled`` event (its version 2), if any."""
     recorder: Any = ledger.recorder
-    statement = SQL(
-        "SELECT notification_id FROM {schema}.{table} WHERE originator_id = %s AND originator_version = 2"
-    ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name))
-    with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
-        curs.execute(statement, (prediction_id,))
-        row = curs.fetchone()
-    return int(row["notification_id"]) if row else None
+    position: int | None = recorder.select_notification_id(prediction_id, 2)
+    return position
 
 
 def labels_after(ledger: Ledger, position: int) -> Iterator[tuple[int, Prediction.Labeled]]:

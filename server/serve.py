@@ -36,6 +36,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     settings = ServerSettings(host=args.host, port=args.port, tokens=tokens, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, learner=not args.no_learner)
+    # The writer thread returns from PostgreSQL and must get the GIL back from up to 128
+    # RPC threads; at the default 5 ms switch interval every commit waits behind them
+    # (measured here: +15% Predict throughput at 64 in flight with 1 ms).
+    sys.setswitchinterval(0.001)
     runtime = build(Settings.from_env())
     stop = threading.Event()
 

@@ -56,6 +56,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     def RegisterModel(self, request: pb.RegisterModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         """Register a model (role: operate)."""
         model = self.service.register_model(request.name, spec_from_proto(request.spec), current_caller().name)
+        # Load (and compile) the learner before replying: the first labels then find a
+        # learner ready, instead of waiting for XLA while predictions pile up on version 1.
+        self._refresh(model)
         return model_info(model)
 
     @map_errors
@@ -104,7 +107,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         """Labels many per message: the high-rate form of ``FeedbackStream``."""
         return self._ingest((list(b.items) for b in request_iterator), context)
 
-    def _ingest(self, messages: Iterator[list[pb.FeedbackRequest]], context: grpc.ServicerContext) -> pb.FeedbackSummary:
+    def _ingest(self, messages: Iterator[list[pb.FeedbackRequest]],
+                context: grpc.ServicerContext) -> pb.FeedbackSummary:
         actor = current_caller().name
         tally = self.serving.feedback_stream(_chunks(messages, actor))
         return feedback_summary(tally)
@@ -152,7 +156,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         )
 
     @map_errors
-    def WatchModel(self, request: pb.WatchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelVersionChanged]:
+    def WatchModel(self, request: pb.WatchModelRequest,
+                   context: grpc.ServicerContext) -> Iterator[pb.ModelVersionChanged]:
         """Stream every committed model version after ``from_version`` (0: from the head)."""
         model = self.ledger.get_model(request.model)
         sent = request.from_version if request.from_version > 0 else model.version - 1

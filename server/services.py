@@ -150,6 +150,7 @@ class LedgerService:
             if live is None or live.version != model.version:
                 folded = self.replayer.state_at(model.id)
                 live = ModelLearner(model, folded.state)
+                live.warm_up()
                 self._learners[model.id] = live
             return live
 
@@ -171,9 +172,7 @@ def _version_row(event: Any, digest: str) -> VersionRow:
     detail = ""
     if name == "RolledBack":
         detail = f"to version {event.to_version}: {event.reason}"
-    elif name in ("Paused", "Resumed"):
-        detail = event.reason
-    elif name == "UpdateRejected":
+    elif name in ("Paused", "Resumed") or name == "UpdateRejected":
         detail = event.reason
     elif name == "Registered":
         detail = f"{event.spec.kind} learner, {event.spec.n_features} features"

@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 from uuid import UUID
 
 import numpy as np
@@ -111,38 +110,24 @@ class ServingService:
             raise ResourceExhaustedError(f"at most {MAX_PREDICT_ROWS} rows per call, got {len(rows)}")
         served = self.catalog.get(model_name)
         spec = served.spec
-        checked = [require_features(row.features, spec.n_features, model_name) for row in rows]
-        pids: list[UUID] = []
-        first_row: dict[UUID, int] = {}
-        keyed: list[UUID] = []
-        for i, row in enumerate(rows):
-            if not row.key:
-                pids.append(new_prediction_id())
-                continue
-            pid = prediction_id_for(row.key)
-            earlier = first_row.get(pid)
-            if earlier is not None and checked[earlier] != checked[i]:
-                raise ConflictingPredictionError(
-                    f"prediction_id {row.key!r} appears twice in the request with different features"
-                )
-            first_row.setdefault(pid, i)
-            keyed.append(pid)
-            pids.append(pid)
-        proba = served.learner.predict_proba(served.state, np.asarray(checked, dtype=np.float64))
+        x = _feature_matrix(rows, spec.n_features, model_name)
+        pids = [prediction_id_for(row.key) if row.key else new_prediction_id() for row in rows]
+        keyed = [pid for row, pid in zip(rows, pids, strict=True) if row.key]
+        proba = served.learner.predict_proba(served.state, x)
         now = datetime.now(UTC)
         results: dict[UUID, PredictResult] = {}
         events: dict[UUID, Prediction.Made] = {}
         for i, pid in enumerate(pids):
-            if pid in events:
-                continue  # the same key twice with the same features: one prediction
             score, decision = decide(spec, proba[i])
-            events[pid] = make_prediction_event(
+            # make_prediction_event validates and converts each row once more; the
+            # matrix check above only makes the common, valid case cheap.
+            event = make_prediction_event(
                 pid,
                 model_id=served.model_id,
                 model_name=model_name,
                 model_version=served.version,
                 spec=spec,
-                features=checked[i],
+                features=rows[i].features,
                 score=score,
                 decision=decision,
                 params_digest=served.digest,
@@ -150,6 +135,14 @@ class ServingService:
                 actor=actor,
                 timestamp=now,
             )
+            earlier = events.get(pid)
+            if earlier is not None:
+                if earlier.features != event.features:
+                    raise ConflictingPredictionError(
+                        f"prediction_id {rows[i].key!r} appears twice in the request with different features"
+                    )
+                continue  # the same key twice with the same features: one prediction
+            events[pid] = event
             results[pid] = PredictResult(pid, score, decision, served.version, served.digest)
         self._commit_predictions(served, events, results, keyed)
         return [results[pid] for pid in pids]
@@ -292,6 +285,12 @@ class ServingService:
         tally.count(outcomes)
 
 
-def outcome_events(outcomes: Iterable[LabelOutcome]) -> list[Any]:
-    """The label events of some outcomes (duplicates have none)."""
-    return [o.event for o in outcomes if o.event is not None]
+def _feature_matrix(rows: Sequence[PredictRow], n_features: int, model_name: str) -> np.ndarray:
+    """All rows as one float64 matrix; a bad row raises the domain's precise error."""
+    if all(len(row.features) == n_features for row in rows):
+        x = np.asarray([row.features for row in rows], dtype=np.float64)
+        if np.isfinite(x).all():
+            return x
+    for row in rows:  # rare path: name the first bad row exactly as the domain does
+        require_features(row.features, n_features, model_name)
+    raise InvalidArgumentError("features must be finite numbers")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,8 @@ import numpy as np
 from domain.ids import new_prediction_id
 from domain.ledger import LabelRequest, LabelStatus
 from domain.prediction import Prediction, make_prediction_event
-from projections.learners import decide
+from projections.digest import state_to_bytes
+from projections.learners import decide_rows
 from projections.learning import LabeledExample
 from server.services import LedgerService
 
@@ -102,15 +104,26 @@ def run_simulation(
     snapshots_due: list[tuple[int, Any, str]] = []
     classification = spec.head != "regression"
 
-    def commit() -> None:
-        service.ledger.record(pending_events)
-        pending_events.clear()
-        for version, state, digest in snapshots_due:
-            if service.store is not None:
-                from projections.digest import state_to_bytes
+    # One background committer: the next chunk is computed while the previous one is
+    # written (the database round trips release the GIL). A single worker keeps commit
+    # order equal to log order; at most one batch is in flight, so memory stays bounded.
+    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulate-commit")
+    in_flight: list[Future[None]] = []
 
+    def write(events: list[Any], snapshots: list[tuple[int, Any, str]]) -> None:
+        service.ledger.record(events)
+        if service.store is not None:
+            for version, state, digest in snapshots:
                 service.store.put_snapshot(model_id, version, digest, state_to_bytes(state))
+
+    def commit(*, wait: bool = False) -> None:
+        while in_flight:
+            in_flight.pop().result()  # re-raises a failed commit here, in order
+        in_flight.append(committer.submit(write, list(pending_events), list(snapshots_due)))
+        pending_events.clear()
         snapshots_due.clear()
+        if wait:
+            in_flight.pop().result()
         stats.commits += 1
         stats.model_version = learner.version
         stats.seconds = time.perf_counter() - started
@@ -129,17 +142,19 @@ def run_simulation(
                 break
         now = datetime.now(UTC)
         proba = learner.learner.predict_proba(learner.state, x[i:j])
+        scores, decisions = decide_rows(spec, proba)
+        _score_chunk(stats, spec.head, proba, decisions, y[i:j])
+        rows = x[i:j].tolist()
         for k in range(i, j):
-            score, decision = decide(spec, proba[k - i])
             event = make_prediction_event(
                 new_prediction_id(),
                 model_id=model_id,
                 model_name=model_name,
                 model_version=learner.version,
                 spec=spec,
-                features=x[k].tolist(),
-                score=score,
-                decision=decision,
+                features=rows[k - i],
+                score=float(scores[k - i]),
+                decision=float(decisions[k - i]),
                 params_digest=learner.digest,
                 routing="champion",
                 actor=actor,
@@ -147,7 +162,6 @@ def run_simulation(
             )
             made[k] = event
             pending_events.append(event)
-            _score_example(stats, spec.head, proba[k - i], decision, float(y[k]))
         stats.predictions += j - i
         requests = [
             LabelRequest(made[k].originator_id, float(y[k]), label_source, now, actor)
@@ -182,8 +196,11 @@ def run_simulation(
         if len(pending_events) >= commit_every:
             commit()
         i = j
-    if pending_events or stats.commits == 0:
-        commit()
+    try:
+        if pending_events or stats.commits == 0 or in_flight:
+            commit(wait=True)
+    finally:
+        committer.shutdown(wait=True)
     seconds = time.perf_counter() - started
     return SimulationResult(
         model=model_name,
@@ -203,15 +220,18 @@ def run_simulation(
     )
 
 
-def _score_example(stats: SimulationProgress, head: str, proba: np.ndarray, decision: float, label: float) -> None:
+def _score_chunk(
+    stats: SimulationProgress, head: str, proba: np.ndarray, decisions: np.ndarray, labels: np.ndarray
+) -> None:
+    """Prequential metrics for a chunk: each score was made before its label was known."""
     eps = 1e-15
     if head == "binary":
-        p1 = float(np.clip(proba[0], eps, 1 - eps))
-        stats.log_loss_sum += -math.log(p1 if label == 1.0 else 1 - p1)
-        stats.correct += int(decision == label)
+        p1 = np.clip(proba[:, 0], eps, 1 - eps)
+        stats.log_loss_sum += float(-np.sum(np.where(labels == 1.0, np.log(p1), np.log1p(-p1))))
+        stats.correct += int(np.sum(decisions == labels))
     elif head == "multiclass":
-        p = float(np.clip(proba[int(label)], eps, 1.0))
-        stats.log_loss_sum += -math.log(p)
-        stats.correct += int(decision == label)
+        p = np.clip(proba[np.arange(len(labels)), labels.astype(np.int64)], eps, 1.0)
+        stats.log_loss_sum += float(-np.sum(np.log(p)))
+        stats.correct += int(np.sum(decisions == labels))
     else:
-        stats.squared_error_sum += (float(proba[0]) - label) ** 2
+        stats.squared_error_sum += float(np.sum((proba[:, 0] - labels) ** 2))

@@ -124,3 +124,24 @@ def test_health_and_reflection(server: LedgerServer) -> None:
         reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
         names = {s.name for s in reply.list_services_response.service}
         assert "learnledger.v1.Ledger" in names and "grpc.health.v1.Health" in names
+
+
+def test_restart_relearns_committed_but_unlearned_labels(start_server: Any, runtime: Any) -> None:
+    first = start_server()
+    with LedgerClient(first.address, retries=0) as c:
+        c.register_model("m1", {"kind": "logistic", "n_features": 3, "batch_size": 4})
+        preds = c.predict_batch("m1", [[float(i), 1.0, 0.0] for i in range(8)])
+        for i, p in enumerate(preds[:6]):
+            c.feedback(p.prediction_id, float(i % 2))
+        assert wait_for_version(c, "m1", 2) == 2
+    first.stop(grace=2.0)  # two labels committed, waiting for a full batch
+    second = start_server()
+    with LedgerClient(second.address, retries=0) as c:
+        for i, p in enumerate(preds[6:], start=6):
+            c.feedback(p.prediction_id, float(i % 2))
+        assert wait_for_version(c, "m1", 3) == 3
+        history = c.list_versions("m1")
+        assert history[-1].batch_size == 4
+        assert c.verify_audit("m1").verified
+    update = runtime.ledger.get_model_events(runtime.ledger.get_model("m1").id)[-1]
+    assert [str(x) for x in update.prediction_ids] == [p.prediction_id for p in preds[4:8]]

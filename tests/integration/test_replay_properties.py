@@ -22,9 +22,20 @@ specs = st.sampled_from(
         LearnerSpec(kind="logistic", n_features=4, optimizer="sgd", learning_rate=0.1, batch_size=3, standardize=False),
         LearnerSpec(kind="softmax", n_features=4, n_classes=3, optimizer="adagrad", learning_rate=0.1, batch_size=5),
         LearnerSpec(kind="linear", n_features=4, optimizer="sgd", learning_rate=0.01, batch_size=4),
-        LearnerSpec(kind="mlp", n_features=4, head="binary", hidden=(8,), optimizer="adam", learning_rate=0.01, batch_size=4, seed=3),
+        LearnerSpec(
+            kind="mlp",
+            n_features=4,
+            head="binary",
+            hidden=(8,),
+            optimizer="adam",
+            learning_rate=0.01,
+            batch_size=4,
+            seed=3,
+        ),
         LearnerSpec(kind="mlp", n_features=4, head="multiclass", n_classes=3, hidden=(6, 5), batch_size=4),
-        LearnerSpec(kind="mlp", n_features=4, head="regression", hidden=(5,), optimizer="sgd", learning_rate=0.01, batch_size=4),
+        LearnerSpec(
+            kind="mlp", n_features=4, head="regression", hidden=(5,), optimizer="sgd", learning_rate=0.01, batch_size=4
+        ),
     ]
 )
 
@@ -83,7 +94,9 @@ def test_state_at_every_version_has_the_digest_recorded_at_that_version(runtime,
 
 @PROPERTY
 @given(spec=specs, seed=st.integers(0, 1000), data=st.data())
-def test_rollback_head_is_bit_identical_to_the_target_and_learning_continues(runtime, spec: LearnerSpec, seed: int, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+def test_rollback_head_is_bit_identical_to_the_target_and_learning_continues(
+    runtime, spec: LearnerSpec, seed: int, data: st.DataObject
+) -> None:  # type: ignore[no-untyped-def]
     name = _history(runtime, spec, 40, seed)
     model = runtime.ledger.get_model(name)
     target = data.draw(st.integers(1, model.version - 1))

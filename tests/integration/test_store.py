@@ -19,9 +19,18 @@ def _predictions(rt, model, n: int):  # type: ignore[no-untyped-def]
     now = datetime.now(UTC)
     return [
         make_prediction_event(
-            new_prediction_id(), model_id=model.id, model_name=model.name, model_version=model.version, spec=model.spec,
-            features=(float(i), 1.0), score=0.25, decision=0.0, params_digest=model.digest, routing="champion",
-            actor="t", timestamp=now,
+            new_prediction_id(),
+            model_id=model.id,
+            model_name=model.name,
+            model_version=model.version,
+            spec=model.spec,
+            features=(float(i), 1.0),
+            score=0.25,
+            decision=0.0,
+            params_digest=model.digest,
+            routing="champion",
+            actor="t",
+            timestamp=now,
         )
         for i in range(n)
     ]

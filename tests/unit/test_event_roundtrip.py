@@ -19,7 +19,9 @@ MAPPER = TypedMapper(OrjsonTranscoder())
 SPEC = LearnerSpec(kind="logistic", n_features=3)
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 aware = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))])
+    min_value=datetime(2000, 1, 1),
+    max_value=datetime(2100, 1, 1),
+    timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))]),
 )
 
 
@@ -27,31 +29,57 @@ def round_trip(event: object) -> object:
     return MAPPER.to_domain_event(MAPPER.to_stored_event(event))  # type: ignore[arg-type]
 
 
-@given(pid=st.uuids(), mid=st.uuids(), features=st.tuples(finite, finite, finite), score=finite, when=aware, version=st.integers(1, 2**40))
-def test_prediction_made_round_trips_exactly(pid: UUID, mid: UUID, features: tuple[float, ...], score: float, when: datetime, version: int) -> None:
+@given(
+    pid=st.uuids(),
+    mid=st.uuids(),
+    features=st.tuples(finite, finite, finite),
+    score=finite,
+    when=aware,
+    version=st.integers(1, 2**40),
+)
+def test_prediction_made_round_trips_exactly(
+    pid: UUID, mid: UUID, features: tuple[float, ...], score: float, when: datetime, version: int
+) -> None:
     event = make_prediction_event(
-        pid, model_id=mid, model_name="m", model_version=version, spec=SPEC, features=features,
-        score=score, decision=1.0, params_digest="sha256:x", routing="champion", actor="a", timestamp=when,
+        pid,
+        model_id=mid,
+        model_name="m",
+        model_version=version,
+        spec=SPEC,
+        features=features,
+        score=score,
+        decision=1.0,
+        params_digest="sha256:x",
+        routing="champion",
+        actor="a",
+        timestamp=when,
     )
     back = round_trip(event)
     assert back == event
-    assert type(back.features) is tuple and type(back.model_id) is UUID and back.timestamp.utcoffset() == when.utcoffset()
+    assert (
+        type(back.features) is tuple and type(back.model_id) is UUID and back.timestamp.utcoffset() == when.utcoffset()
+    )
 
 
 @given(pid=st.uuids(), label=st.sampled_from([0.0, 1.0]), when=aware, event_time=aware, source=st.text(max_size=30))
 def test_label_round_trips_exactly(pid: UUID, label: float, when: datetime, event_time: datetime, source: str) -> None:
-    event = make_label_event(pid, model_id=pid, label=label, source=source, event_time=event_time, in_window=True, actor="a", timestamp=when)
+    event = make_label_event(
+        pid, model_id=pid, label=label, source=source, event_time=event_time, in_window=True, actor="a", timestamp=when
+    )
     assert round_trip(event) == event
 
 
 @given(ids=st.lists(st.uuids(), min_size=1, max_size=20, unique=True), loss=finite)
 def test_model_events_round_trip_exactly(ids: list[UUID], loss: float) -> None:
-    model = Model(name="m", spec=SPEC, platform=(("jax", "0.10"), ("backend", "cpu")), initial_digest="sha256:i", actor="a")
+    model = Model(
+        name="m", spec=SPEC, platform=(("jax", "0.10"), ("backend", "cpu")), initial_digest="sha256:i", actor="a"
+    )
     model.apply_update(tuple(ids), 1, loss, loss, "sha256:u", "learner")
     for event in model.collect_events():
         back = round_trip(event)
         assert back == event
     registered = round_trip(Model(name="n", spec=SPEC, platform=(), initial_digest="d", actor="a").collect_events()[0])
+    assert isinstance(registered, Model.Registered)
     assert registered.spec == SPEC and isinstance(registered.spec, LearnerSpec)
 
 
@@ -59,8 +87,18 @@ def test_model_events_round_trip_exactly(ids: list[UUID], loss: float) -> None:
 def test_non_finite_features_never_become_events(bad: float) -> None:
     with pytest.raises(NonFiniteValueError, match="feature 1"):
         make_prediction_event(
-            UUID(int=1), model_id=UUID(int=2), model_name="m", model_version=1, spec=SPEC, features=(0.0, bad, 0.0),
-            score=0.5, decision=1.0, params_digest="d", routing="champion", actor="a", timestamp=datetime.now(UTC),
+            UUID(int=1),
+            model_id=UUID(int=2),
+            model_name="m",
+            model_version=1,
+            spec=SPEC,
+            features=(0.0, bad, 0.0),
+            score=0.5,
+            decision=1.0,
+            params_digest="d",
+            routing="champion",
+            actor="a",
+            timestamp=datetime.now(UTC),
         )
 
 
