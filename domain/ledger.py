@@ -6,7 +6,7 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -61,6 +61,14 @@ class LabelOutcome:
     prediction_id: UUID
     status: LabelStatus
     event: Prediction.Labeled | None
+
+
+class _Facts(NamedTuple):
+    """What label validation needs to know about a logged prediction."""
+
+    model_id: UUID
+    made_at: datetime
+    label: float | None
 
 
 class Ledger(Application):
@@ -238,32 +246,33 @@ class Ledger(Application):
             ConflictingLabelError: a different label was recorded for it already.
             InvalidArgumentError: a label the model's head cannot take.
         """
-        stored = self.get_predictions(r.prediction_id for r in requests if not (pending and r.prediction_id in pending))
+        pending = pending or {}
+        facts = self._prediction_facts(r.prediction_id for r in requests if r.prediction_id not in pending)
+        for pid, made in pending.items():
+            facts.setdefault(pid, _Facts(made.model_id, made.timestamp, None))
         seen: dict[UUID, float] = {}
         outcomes: list[LabelOutcome] = []
         for request in requests:
             pid = request.prediction_id
-            prediction = stored.get(pid)
-            made: Any = prediction if prediction is not None else (pending or {}).get(pid)
-            if made is None:
+            fact = facts.get(pid)
+            if fact is None:
                 raise PredictionNotFoundError(f"no prediction with id {pid}")
-            spec = self._spec_of(made.model_id)
+            spec, window = self._spec_of(fact.model_id)
             label = validate_label(spec, request.label)
             source = validate_source(request.source)
-            earlier = seen.get(pid)
-            if earlier is None and prediction is not None and prediction.is_labeled:
-                earlier = prediction.label
+            earlier = seen.get(pid, fact.label)
             if earlier is not None:
                 if earlier != label:
-                    raise ConflictingLabelError(f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}")
+                    raise ConflictingLabelError(
+                        f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}"
+                    )
                 outcomes.append(LabelOutcome(pid, LabelStatus.DUPLICATE, None))
                 continue
             seen[pid] = label
-            made_at: datetime = made.created_on if prediction is not None else made.timestamp
-            in_window = request.event_time - made_at <= timedelta(seconds=spec.feedback_window_s)
+            in_window = request.event_time - fact.made_at <= window
             event = make_label_event(
                 pid,
-                model_id=made.model_id,
+                model_id=fact.model_id,
                 label=label,
                 source=source,
                 event_time=request.event_time,
@@ -271,9 +280,32 @@ class Ledger(Application):
                 actor=request.actor,
                 timestamp=received_at,
             )
-            status = LabelStatus.ACCEPTED if in_window else LabelStatus.LATE
-            outcomes.append(LabelOutcome(pid, status, event))
+            outcomes.append(LabelOutcome(pid, LabelStatus.ACCEPTED if in_window else LabelStatus.LATE, event))
         return outcomes
+
+    def _prediction_facts(self, prediction_ids: Iterable[UUID]) -> dict[UUID, _Facts]:
+        # Label validation needs three facts per prediction, not the aggregate: decoding
+        # the events without replaying them through the aggregate is ~3x cheaper.
+        ids = list(dict.fromkeys(prediction_ids))
+        if not ids:
+            return {}
+        recorder: Any = self.recorder
+        if hasattr(recorder, "select_events_for_originators"):
+            stored = recorder.select_events_for_originators(ids)
+        else:
+            stored = [s for pid in ids for s in self.recorder.select_events(pid)]
+        facts: dict[UUID, _Facts] = {}
+        labels: dict[UUID, float] = {}
+        for item in stored:
+            event: Any = self.mapper.to_domain_event(item)
+            if isinstance(event, Prediction.Made):
+                facts[event.originator_id] = _Facts(event.model_id, event.timestamp, None)
+            elif isinstance(event, Prediction.Labeled):
+                labels[event.originator_id] = event.label
+        for pid, label in labels.items():
+            if pid in facts:
+                facts[pid] = facts[pid]._replace(label=label)
+        return facts
 
     def record(self, events: Sequence[DomainEventProtocol[Any]]) -> list[int]:
         """Commit events, in order, in one transaction; return their notification ids.
@@ -285,18 +317,24 @@ class Ledger(Application):
         if not events:
             return []
         # Straight to the recorder: EventStore.put would also build a Recording object
-        # per event, which the hot path never reads.
-        stored = [self.mapper.to_stored_event(e) for e in events]
+        # per event, which the hot path never reads; the ledger's own recorder takes
+        # plain rows and skips a StoredEvent per event too.
+        mapper: Any = self.mapper
+        recorder: Any = self.recorder
         try:
-            ids = self.recorder.insert_events(stored)
+            if hasattr(recorder, "insert_rows") and hasattr(mapper, "to_row"):
+                ids = recorder.insert_rows([mapper.to_row(e) for e in events])
+            else:
+                ids = recorder.insert_events([self.mapper.to_stored_event(e) for e in events])
         except IntegrityError as exc:
             raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
         return list(ids or [])
 
-    def _spec_of(self, model_id: UUID) -> LearnerSpec:
+    def _spec_of(self, model_id: UUID) -> tuple[LearnerSpec, timedelta]:
         # Specs never change after registration, so caching them is always safe.
-        cache: dict[UUID, LearnerSpec] = self.__dict__.setdefault("_spec_cache", {})
-        spec = cache.get(model_id)
-        if spec is None:
-            spec = cache[model_id] = self.get_model_by_id(model_id).spec
-        return spec
+        cache: dict[UUID, tuple[LearnerSpec, timedelta]] = self.__dict__.setdefault("_spec_cache", {})
+        found = cache.get(model_id)
+        if found is None:
+            spec = self.get_model_by_id(model_id).spec
+            found = cache[model_id] = (spec, timedelta(seconds=spec.feedback_window_s))
+        return found

@@ -68,6 +68,22 @@ class TypedMapper(Mapper):
             state=self.transcoder.encode(state),
         )
 
+    def to_row(self, domain_event: DomainEventProtocol[Any]) -> tuple[Any, int, str, bytes]:
+        """``(originator_id, originator_version, topic, state)``: the stored event as a tuple.
+
+        The group-commit path encodes tens of thousands of events a second; a plain tuple
+        skips building a ``StoredEvent`` (~2 µs) per event. Same bytes as ``to_stored_event``.
+        """
+        cls = type(domain_event)
+        topic = self._topics.get(cls)
+        if topic is None or self.compressor or self.cipher or getattr(cls, "class_version", 1) > 1:
+            stored = self.to_stored_event(domain_event)
+            return stored.originator_id, stored.originator_version, stored.topic, stored.state
+        state = domain_event.__dict__.copy()
+        originator_id = state.pop("originator_id")
+        originator_version = state.pop("originator_version")
+        return originator_id, originator_version, topic, self.transcoder.encode(state)
+
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         """Decode a stored event into its typed domain event."""
         raw = super().to_domain_event(stored_event)

@@ -23,8 +23,9 @@ def require_features(values: Sequence[float], n_features: int, model_name: str) 
     """
     if len(values) != n_features:
         raise InvalidArgumentError(f"model {model_name!r} expects {n_features} features, got {len(values)}")
-    out = tuple(float(v) for v in values)
-    for i, v in enumerate(out):
-        if not math.isfinite(v):
-            raise NonFiniteValueError(f"feature {i} is {v}; features must be finite numbers")
+    out = tuple(map(float, values))
+    if not all(map(math.isfinite, out)):  # C-level loop; the slow scan only names the index
+        for i, v in enumerate(out):
+            if not math.isfinite(v):
+                raise NonFiniteValueError(f"feature {i} is {v}; features must be finite numbers")
     return out

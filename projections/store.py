@@ -92,23 +92,31 @@ class LedgerRecorder(PostgresApplicationRecorder):
         """Parameter snapshots (a cache: deleting rows changes nothing but speed)."""
         return self.events_table_name.replace("_events", "") + "_param_snapshots"
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         """Insert events in one transaction with COPY; return their notification ids."""
-        if not stored_events:
+        return self.insert_rows([(e.originator_id, e.originator_version, e.topic, e.state) for e in stored_events])
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_rows(self, rows: Sequence[tuple[Any, int, str, bytes]]) -> list[int]:
+        """Insert ``(originator_id, originator_version, topic, state)`` rows in one transaction.
+
+        Raises:
+            IntegrityError: a row's stream position is taken; nothing was written.
+        """
+        if not rows:
             return []
         with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
             self._lock_table(curs)
             self._notify_channel(curs)
             with curs.copy(self.copy_statement) as copy:
                 copy.set_types(["uuid", "int8", "text", "bytea"])
-                for e in stored_events:
-                    copy.write_row((e.originator_id, e.originator_version, e.topic, e.state))
+                for row in rows:
+                    copy.write_row(row)
             curs.execute(self.currval_statement)
-            row = curs.fetchone()
-            assert row is not None
-            last = int(row["last"])
-        return list(range(last - len(stored_events) + 1, last + 1))
+            last_row = curs.fetchone()
+            assert last_row is not None
+            last = int(last_row["last"])
+        return list(range(last - len(rows) + 1, last + 1))
 
     def select_events_for_originators(self, originator_ids: Sequence[UUID]) -> list[StoredEvent]:
         """Every stored event of the given aggregates, in one query."""
