@@ -29,6 +29,9 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``learnledger`` console script."""
+    from projections.platform import configure_jax_determinism
+
+    configure_jax_determinism()  # before anything can import jax
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
