@@ -199,14 +199,7 @@ class Ledger(Application):
 
     def get_predictions(self, prediction_ids: Iterable[UUID]) -> dict[UUID, Prediction]:
         """Many predictions in one round trip; missing ids are simply absent."""
-        ids = list(dict.fromkeys(prediction_ids))
-        if not ids:
-            return {}
-        recorder: Any = self.recorder
-        if hasattr(recorder, "select_events_for_originators"):
-            stored = recorder.select_events_for_originators(ids)
-        else:
-            stored = [s for pid in ids for s in self.recorder.select_events(pid)]
+        stored = self._select_events_of(prediction_ids)
         by_id: dict[UUID, list[Any]] = {}
         for item in stored:
             by_id.setdefault(UUID(str(item.originator_id)), []).append(self.mapper.to_domain_event(item))
@@ -263,9 +256,7 @@ class Ledger(Application):
             earlier = seen.get(pid, fact.label)
             if earlier is not None:
                 if earlier != label:
-                    raise ConflictingLabelError(
-                        f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}"
-                    )
+                    raise ConflictingLabelError(f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}")
                 outcomes.append(LabelOutcome(pid, LabelStatus.DUPLICATE, None))
                 continue
             seen[pid] = label
@@ -286,14 +277,7 @@ class Ledger(Application):
     def _prediction_facts(self, prediction_ids: Iterable[UUID]) -> dict[UUID, _Facts]:
         # Label validation needs three facts per prediction, not the aggregate: decoding
         # the events without replaying them through the aggregate is ~3x cheaper.
-        ids = list(dict.fromkeys(prediction_ids))
-        if not ids:
-            return {}
-        recorder: Any = self.recorder
-        if hasattr(recorder, "select_events_for_originators"):
-            stored = recorder.select_events_for_originators(ids)
-        else:
-            stored = [s for pid in ids for s in self.recorder.select_events(pid)]
+        stored = self._select_events_of(prediction_ids)
         facts: dict[UUID, _Facts] = {}
         labels: dict[UUID, float] = {}
         for item in stored:
@@ -329,6 +313,16 @@ class Ledger(Application):
         except IntegrityError as exc:
             raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
         return list(ids or [])
+
+    def _select_events_of(self, originator_ids: Iterable[UUID]) -> list[Any]:
+        # One round trip on the ledger's recorder; one query per id on any other.
+        ids = list(dict.fromkeys(originator_ids))
+        if not ids:
+            return []
+        recorder: Any = self.recorder
+        if hasattr(recorder, "select_events_for_originators"):
+            return list(recorder.select_events_for_originators(ids))
+        return [s for pid in ids for s in self.recorder.select_events(pid)]
 
     def _spec_of(self, model_id: UUID) -> tuple[LearnerSpec, timedelta]:
         # Specs never change after registration, so caching them is always safe.

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -14,28 +12,11 @@ import numpy as np
 from server.client import Label, LedgerClient
 from server.grpc_server import ServerSettings, build_server
 from server.services import LedgerService
+from server.simulate import SimulationProgress, score_chunk
+from server.streams import label_arrivals
 
 CHUNK = 64
 CATCH_UP_TIMEOUT_S = 60.0
-
-
-@dataclass
-class DemoProgress:
-    """Running figures the demo prints."""
-
-    predictions: int = 0
-    labels: int = 0
-    late: int = 0
-    correct: int = 0
-    log_loss_sum: float = 0.0
-    model_version: int = 0
-    updates: int = 0
-    seconds: float = 0.0
-
-    @property
-    def accuracy(self) -> float | None:
-        """Prequential accuracy so far."""
-        return self.correct / self.predictions if self.predictions else None
 
 
 def run_grpc_demo(
@@ -46,7 +27,7 @@ def run_grpc_demo(
     y: np.ndarray,
     delays: np.ndarray,
     *,
-    progress: Callable[[DemoProgress], None] | None = None,
+    progress: Callable[[SimulationProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Drive a drifting binary stream through gRPC as a client would.
 
@@ -70,31 +51,28 @@ def run_grpc_demo(
                 info = client.register_model(model, spec)
             batch_size = int(info.spec.batch_size)
             updates_before = int(info.updates_applied)
-            stats = DemoProgress(model_version=int(info.version))
+            stats = SimulationProgress(model_version=int(info.version))
             n = len(y)
-            due = np.minimum(np.arange(n) + np.maximum(delays, 0), n - 1)
-            arrivals: list[list[int]] = [[] for _ in range(n)]
-            for i in range(n - 1, -1, -1):  # same-step labels arrive newest first
-                arrivals[int(due[i])].append(i)
+            arrivals = label_arrivals(delays)
             ids: list[str] = [""] * n
             for start in range(0, n, CHUNK):
                 stop = min(start + CHUNK, n)
                 served = client.predict_batch(model, x[start:stop].tolist())
-                for offset, prediction in enumerate(served):
-                    k = start + offset
-                    ids[k] = prediction.prediction_id
-                    _score(stats, prediction.score, prediction.decision, float(y[k]))
-                    stats.model_version = max(stats.model_version, prediction.model_version)
+                ids[start:stop] = [p.prediction_id for p in served]
+                scores = np.asarray([[p.score] for p in served])
+                decisions = np.asarray([p.decision for p in served])
+                score_chunk(stats, "binary", scores, decisions, y[start:stop])
+                stats.model_version = max(stats.model_version, *(p.model_version for p in served))
                 stats.predictions = stop
                 labels = [Label(ids[k], float(y[k]), source="demo") for t in range(start, stop) for k in arrivals[t]]
                 if labels:
                     summary = client.feedback_stream(labels, per_message=256)
                     stats.labels += summary.accepted + summary.late
-                    stats.late += summary.late
+                    stats.late_labels += summary.late
                 stats.seconds = time.perf_counter() - started
                 if progress is not None:
                     progress(stats)
-            expected = updates_before + (stats.labels - stats.late + _pending(info)) // batch_size
+            expected = updates_before + (stats.labels - stats.late_labels) // batch_size
             info = _wait_for_learner(client, model, expected)
             stats.updates = int(info.updates_applied) - updates_before
             stats.model_version = int(info.version)
@@ -107,7 +85,7 @@ def run_grpc_demo(
         "predictions": stats.predictions,
         "examples": stats.predictions,
         "labels": stats.labels,
-        "late_labels": stats.late,
+        "late_labels": stats.late_labels,
         "updates": stats.updates,
         "model_version": stats.model_version,
         "params_digest": info.params_digest,
@@ -122,12 +100,6 @@ def run_grpc_demo(
     }
 
 
-def _pending(info: Any) -> int:
-    # Labels a previous run left waiting for a full batch are learned first; the demo
-    # cannot see them, so it waits only for the batches its own labels complete.
-    return 0
-
-
 def _wait_for_learner(client: LedgerClient, model: str, expected_updates: int) -> Any:
     deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
     info = client.get_model(model)
@@ -135,9 +107,3 @@ def _wait_for_learner(client: LedgerClient, model: str, expected_updates: int) -
         time.sleep(0.05)
         info = client.get_model(model)
     return info
-
-
-def _score(stats: DemoProgress, score: float, decision: float, label: float) -> None:
-    p1 = min(max(score, 1e-15), 1 - 1e-15)
-    stats.log_loss_sum += -math.log(p1 if label == 1.0 else 1 - p1)
-    stats.correct += int(decision == label)

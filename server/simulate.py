@@ -20,6 +20,7 @@ from projections.digest import state_to_bytes
 from projections.learners import decide_rows
 from projections.learning import LabeledExample
 from server.services import LedgerService
+from server.streams import label_arrivals
 
 ProgressFn = Callable[["SimulationProgress"], None]
 
@@ -89,11 +90,7 @@ def run_simulation(
     """
     started = time.perf_counter()
     n = int(x.shape[0])
-    delays = np.zeros(n, dtype=np.int64) if label_delays is None else np.asarray(label_delays, dtype=np.int64)
-    due = np.minimum(np.arange(n) + np.maximum(delays, 0), n - 1)
-    deliveries: list[list[int]] = [[] for _ in range(n)]
-    for i in np.argsort(-np.arange(n), kind="stable"):
-        deliveries[int(due[i])].append(int(i))
+    deliveries = label_arrivals(np.zeros(n, dtype=np.int64) if label_delays is None else label_delays)
 
     learner = service.live_learner(model_name)
     spec = learner.model.spec
@@ -143,7 +140,7 @@ def run_simulation(
         now = datetime.now(UTC)
         proba = learner.learner.predict_proba(learner.state, x[i:j])
         scores, decisions = decide_rows(spec, proba)
-        _score_chunk(stats, spec.head, proba, decisions, y[i:j])
+        score_chunk(stats, spec.head, proba, decisions, y[i:j])
         rows = x[i:j].tolist()
         for k in range(i, j):
             event = make_prediction_event(
@@ -220,7 +217,7 @@ def run_simulation(
     )
 
 
-def _score_chunk(
+def score_chunk(
     stats: SimulationProgress, head: str, proba: np.ndarray, decisions: np.ndarray, labels: np.ndarray
 ) -> None:
     """Prequential metrics for a chunk: each score was made before its label was known."""

@@ -47,6 +47,21 @@ def drifting_binary_stream(n: int, *, n_features: int = 6, seed: int = 0, drifts
     return Stream(x=x, y=y, drift_at=tuple(cut_points))
 
 
+def label_arrivals(delays: np.ndarray) -> list[list[int]]:
+    """For each step ``t``, the examples whose labels arrive right after prediction ``t``.
+
+    Example ``i``'s label arrives ``delays[i]`` predictions later (the last ones at the
+    end of the stream); labels due at the same step arrive newest first, so feedback is
+    routinely out of order.
+    """
+    n = len(delays)
+    due = np.minimum(np.arange(n) + np.maximum(np.asarray(delays, dtype=np.int64), 0), n - 1)
+    arrivals: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n - 1, -1, -1):
+        arrivals[int(due[i])].append(i)
+    return arrivals
+
+
 def random_label_delays(n: int, *, mean_delay: float = 20.0, seed: int = 1) -> np.ndarray:
     """How many predictions later each label arrives: geometric, so labels overtake each other."""
     rng = np.random.default_rng(seed)
