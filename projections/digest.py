@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -49,60 +48,6 @@ def state_digest(state: LearnerState) -> str:
         ``"sha256:"`` followed by 64 hex digits.
     """
     return _digest_arrays([_canonical(leaf) for leaf in state_leaves(state)])
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """Per-leaf digest framing of one state structure (fixed for a spec)."""
-
-    frames: tuple[tuple[bytes, int], ...]  # (length prefix + dtype/shape meta, nbytes)
-    total_bytes: int
-
-    @classmethod
-    def of(cls, state: LearnerState) -> StateLayout:
-        """Read leaf dtypes and shapes (metadata only; nothing is transferred)."""
-        frames = []
-        for leaf in jax.tree_util.tree_leaves(state):
-            dtype = np.dtype(leaf.dtype).newbyteorder("<")
-            nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * dtype.itemsize
-            meta = f"{dtype.str}|{','.join(str(d) for d in leaf.shape)}".encode()
-            frames.append((struct.pack("<IQ", len(meta), nbytes) + meta, nbytes))
-        return cls(tuple(frames), sum(n for _, n in frames))
-
-
-def digest_from_image(layout: StateLayout, image: np.ndarray) -> str:
-    """``state_digest(state)`` from ``learners.state_image(state)`` fetched in one transfer.
-
-    Raises:
-        ValueError: the image does not have the layout's total byte length.
-    """
-    buffer = memoryview(np.ascontiguousarray(image, dtype=np.uint8).data).cast("B")
-    if len(buffer) != layout.total_bytes:
-        raise ValueError(f"state image has {len(buffer)} bytes, the state needs {layout.total_bytes}")
-    h = hashlib.sha256()
-    h.update(struct.pack("<Q", len(layout.frames)))
-    offset = 0
-    for frame, nbytes in layout.frames:
-        h.update(frame)
-        h.update(buffer[offset : offset + nbytes])
-        offset += nbytes
-    return "sha256:" + h.hexdigest()
-
-
-def inspect_state(state: LearnerState) -> tuple[str, bool]:
-    """The state's digest and whether every float leaf is finite, from one host copy.
-
-    The learner needs both after every step; fetching the leaves once halves the cost.
-
-    Args:
-        state: a learner state.
-
-    Returns:
-        ``(digest, all_finite)``.
-    """
-    leaves = [_canonical(leaf) for leaf in state_leaves(state)]
-    finite = all(bool(np.isfinite(a).all()) for a in leaves if a.dtype.kind == "f")
-    return _digest_arrays(leaves), finite
 
 
 def state_to_bytes(state: LearnerState) -> bytes:

@@ -34,13 +34,28 @@ class ScalerState(NamedTuple):
     m2: jax.Array
 
 
-class LearnerState(NamedTuple):
-    """The folded state of a learner: a PyTree of arrays, nothing else."""
+class StructuredState(NamedTuple):
+    """A learner's state with its structure: parameters, optimizer state, scaler."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     scaler: ScalerState
+
+
+class LearnerState(NamedTuple):
+    """The folded state of a learner, packed into three arrays.
+
+    Every float leaf of the structured state (parameters, optimizer moments, scaler) is
+    concatenated into ``floats`` and every integer leaf (optimizer counters) into
+    ``ints``, in a fixed order set by the spec. A jitted call costs ~15 µs per array
+    argument or result on this CPU, so an 11-leaf state made every step ~250 µs of pure
+    dispatch; three leaves cost ~60. ``Learner.unpack`` gives the structure back.
+    """
+
+    step: jax.Array  # int32 scalar: update steps taken
+    ints: jax.Array  # int32 [k]
+    floats: jax.Array  # float32 [m]
 
 
 class Batch(NamedTuple):
@@ -61,6 +76,8 @@ class Learner:
     predict: Callable[[LearnerState, np.ndarray], np.ndarray]
     predict_proba: Callable[[LearnerState, np.ndarray], np.ndarray]
     losses: Callable[[LearnerState, np.ndarray, np.ndarray], np.ndarray]
+    unpack: Callable[[LearnerState], StructuredState]
+    pack: Callable[[StructuredState], LearnerState]
 
 
 @functools.lru_cache(maxsize=256)
@@ -80,6 +97,7 @@ def make_learner(spec: LearnerSpec) -> Learner:
         A ``Learner`` whose ``update_step`` is a single jitted pure function.
     """
     tx = _make_optimizer(spec)
+    pack, unpack = _make_packing(spec, tx)
 
     def loss_fn(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         data_loss = _masked_mean(_example_losses(spec, _forward(spec, params, x), y), mask)
@@ -88,13 +106,11 @@ def make_learner(spec: LearnerSpec) -> Learner:
     @functools.cache  # arrays are immutable, so every caller can share one initial state
     @jax.jit
     def init() -> LearnerState:
-        params = _init_params(spec)
-        zeros = jnp.zeros((spec.n_features,), jnp.float32)
-        scaler = ScalerState(jnp.zeros((), jnp.float32), zeros, zeros)
-        return LearnerState(jnp.zeros((), jnp.int32), params, tx.init(params), scaler)
+        return pack(_init_structured(spec, tx))
 
     @jax.jit
-    def update_step(state: LearnerState, batch: Batch) -> tuple[LearnerState, Metrics]:
+    def update_step(packed: LearnerState, batch: Batch) -> tuple[LearnerState, Metrics]:
+        state = unpack(packed)
         mask = batch.mask.astype(jnp.float32)
         real = mask > 0
         # Zero the padding first: whatever garbage (even NaN) sits in padding rows then
@@ -109,33 +125,24 @@ def make_learner(spec: LearnerSpec) -> Learner:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss_after = _masked_mean(_example_losses(spec, _forward(spec, params, x), y), mask)
-        new_state = LearnerState(state.step + 1, params, opt_state, scaler)
-        leaves = jax.tree_util.tree_leaves(new_state)
-        finite = jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)])
-        )
-        summary = jnp.stack([loss, loss_after, jnp.sum(mask), finite.astype(jnp.float32)])
-        return new_state, {
-            "loss": loss,
-            "loss_after": loss_after,
-            "n": jnp.sum(mask),
-            # The live learner needs the losses, a finiteness verdict and the digest after
-            # every step; one packed summary and one byte image of the state cost two
-            # host transfers instead of one per leaf (~20 µs each).
-            "summary": summary,
-            "state_bytes": state_image(new_state),
-        }
+        new_state = pack(StructuredState(state.step + 1, params, opt_state, scaler))
+        finite = jnp.all(jnp.isfinite(new_state.floats))
+        n = jnp.sum(mask)
+        # One packed summary: the live learner reads it with a single host transfer.
+        summary = jnp.stack([loss, loss_after, n, finite.astype(jnp.float32)])
+        return new_state, {"loss": loss, "loss_after": loss_after, "n": n, "summary": summary}
 
     # One jitted evaluation serves predict, predict_proba and losses: a third of the
     # compiles per bucket, for a loss computation that costs next to nothing.
     @jax.jit
-    def evaluate(params: Params, scaler: ScalerState, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = _forward(spec, params, _standardise(scaler, x) if spec.standardize else x)
+    def evaluate(packed: LearnerState, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        state = unpack(packed)
+        logits = _forward(spec, state.params, _standardise(state.scaler, x) if spec.standardize else x)
         return _outputs(spec, logits), _example_losses(spec, logits, y)
 
     def predict_proba(state: LearnerState, x: np.ndarray) -> np.ndarray:
         xp, n = _pad_rows(spec, x)
-        proba, _ = evaluate(state.params, state.scaler, xp, _zeros(xp.shape[0]))
+        proba, _ = evaluate(state, xp, _zeros(xp.shape[0]))
         return np.asarray(proba)[:n].astype(np.float64)
 
     def predict(state: LearnerState, x: np.ndarray) -> np.ndarray:
@@ -149,10 +156,10 @@ def make_learner(spec: LearnerSpec) -> Learner:
             raise ValueError(f"y must have shape ({n},), got {ya.shape}")
         yp = np.zeros((xp.shape[0],), np.float32)
         yp[:n] = ya
-        _, per_row = evaluate(state.params, state.scaler, xp, yp)
+        _, per_row = evaluate(state, xp, yp)
         return np.asarray(per_row)[:n].astype(np.float64)
 
-    return Learner(spec, init, update_step, predict, predict_proba, losses)
+    return Learner(spec, init, update_step, predict, predict_proba, losses, unpack, pack)
 
 
 def make_batch(spec: LearnerSpec, x: np.ndarray, y: np.ndarray) -> Batch:
@@ -221,18 +228,50 @@ def decide(spec: LearnerSpec, proba_row: np.ndarray) -> tuple[float, float]:
     return yhat, yhat
 
 
-def state_image(state: LearnerState) -> jax.Array:
-    """Every leaf's raw bytes, concatenated in leaf order, as one uint8 vector (under jit).
+def _init_structured(spec: LearnerSpec, tx: optax.GradientTransformation) -> StructuredState:
+    params = _init_params(spec)
+    zeros = jnp.zeros((spec.n_features,), jnp.float32)
+    scaler = ScalerState(jnp.zeros((), jnp.float32), zeros, zeros)
+    return StructuredState(jnp.zeros((), jnp.int32), params, tx.init(params), scaler)
 
-    ``projections.digest.digest_from_image`` turns it into exactly ``state_digest``.
+
+def _make_packing(
+    spec: LearnerSpec, tx: optax.GradientTransformation
+) -> tuple[Callable[[StructuredState], LearnerState], Callable[[LearnerState], StructuredState]]:
+    """Exact, order-fixed maps between the structured state and its three packed arrays.
+
+    Only slicing, reshaping and concatenation: no arithmetic, so packing changes no bit.
     """
-    parts = [
-        jax.lax.bitcast_convert_type(leaf, jnp.uint8).reshape(-1)
-        if leaf.dtype.itemsize > 1
-        else leaf.astype(jnp.uint8).reshape(-1)
-        for leaf in jax.tree_util.tree_leaves(state)
-    ]
-    return jnp.concatenate(parts)
+    template = jax.eval_shape(lambda: _init_structured(spec, tx))
+    leaves, treedef = jax.tree_util.tree_flatten((template.params, template.opt_state, template.scaler))
+    kinds = ["f" if jnp.issubdtype(leaf.dtype, jnp.floating) else "i" for leaf in leaves]
+    for leaf, kind in zip(leaves, kinds, strict=True):
+        if (kind == "f" and leaf.dtype != jnp.float32) or (kind == "i" and leaf.dtype != jnp.int32):
+            raise TypeError(f"cannot pack a state leaf of dtype {leaf.dtype}")
+    sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves]
+
+    def pack(state: StructuredState) -> LearnerState:
+        flat = jax.tree_util.tree_leaves((state.params, state.opt_state, state.scaler))
+        floats = [a.reshape(-1) for a, k in zip(flat, kinds, strict=True) if k == "f"]
+        ints = [a.reshape(-1) for a, k in zip(flat, kinds, strict=True) if k == "i"]
+        return LearnerState(
+            jnp.asarray(state.step, jnp.int32),
+            jnp.concatenate(ints) if ints else jnp.zeros((0,), jnp.int32),
+            jnp.concatenate(floats) if floats else jnp.zeros((0,), jnp.float32),
+        )
+
+    def unpack(packed: LearnerState) -> StructuredState:
+        out = []
+        offsets = {"f": 0, "i": 0}
+        for leaf, kind, size in zip(leaves, kinds, sizes, strict=True):
+            source = packed.floats if kind == "f" else packed.ints
+            start = offsets[kind]
+            out.append(source[start : start + size].reshape(leaf.shape))
+            offsets[kind] = start + size
+        params, opt_state, scaler = jax.tree_util.tree_unflatten(treedef, out)
+        return StructuredState(packed.step, params, opt_state, scaler)
+
+    return pack, unpack
 
 
 def decide_rows(spec: LearnerSpec, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

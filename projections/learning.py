@@ -12,7 +12,7 @@ import numpy as np
 
 from domain.errors import FailedPreconditionError
 from domain.model import Model
-from projections.digest import StateLayout, digest_from_image, state_digest
+from projections.digest import state_digest
 from projections.learners import Learner, LearnerState, decide, make_batch, make_learner
 
 LEARNER_ACTOR = "learner"
@@ -49,7 +49,6 @@ class ModelLearner:
         self.learner: Learner = make_learner(model.spec)
         self.state = state
         self.digest = state_digest(state)
-        self.layout = StateLayout.of(state)
         self.actor = actor
         self.buffer: deque[LabeledExample] = deque()
 
@@ -63,7 +62,7 @@ class ModelLearner:
         spec = self.model.spec
         empty = make_batch(spec, np.zeros((0, spec.n_features)), np.zeros((0,)))
         _, metrics = self.learner.update_step(self.state, empty)
-        np.asarray(metrics["state_bytes"])
+        np.asarray(metrics["summary"])
         self.learner.predict_proba(self.state, np.zeros((1, spec.n_features)))
 
     @property
@@ -94,7 +93,7 @@ class ModelLearner:
         ids = tuple(e.prediction_id for e in taken)
         candidate, metrics = self.learner.update_step(self.state, make_batch(spec, x, y))
         loss_before, loss_after, _, finite_flag = (float(v) for v in np.asarray(metrics["summary"]))
-        digest = digest_from_image(self.layout, np.asarray(metrics["state_bytes"]))
+        digest = state_digest(candidate)
         if finite_flag == 1.0 and math.isfinite(loss_before) and math.isfinite(loss_after):
             self.model.apply_update(ids, int(candidate.step), loss_before, loss_after, digest, self.actor)
             self.state, self.digest = candidate, digest

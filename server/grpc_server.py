@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import threading
@@ -25,6 +26,7 @@ from server.writer import GroupCommitWriter
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+GC_YOUNG_THRESHOLD = 50_000
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name
 
 
@@ -43,6 +45,10 @@ class ServerSettings:
         workers: RPC handler threads (each in-flight unary call holds one while it waits
             for its commit, so this bounds the concurrency the writer can batch).
         max_batch_events: most events per group-commit transaction.
+        tune_gc: once started, move everything alive (modules, JAX, compiled
+            functions) out of the collector's sight and collect the young generation
+            less often: the serving path allocates many short-lived containers and
+            full collections over JAX's object graph cost ~5% of the server's CPU.
     """
 
     host: str = "127.0.0.1"
@@ -54,6 +60,7 @@ class ServerSettings:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     workers: int = 128
     max_batch_events: int = 1000
+    tune_gc: bool = True
 
 
 def is_loopback(host: str) -> bool:
@@ -121,6 +128,10 @@ class LedgerServer:
         if self.learner is not None:
             self.learner.recover()
             self.learner.start()
+        if self.settings.tune_gc:
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

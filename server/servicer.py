@@ -23,7 +23,7 @@ from server.catalog import ModelCatalog
 from server.errors import map_errors
 from server.learner_loop import LearnerLoop
 from server.services import LedgerService, VersionRow
-from server.serving import FeedbackTally, PredictResult, PredictRow, ServingService
+from server.serving import FeedbackTally, Predictions, PredictResult, ServingService
 
 _STATUS = {
     LabelStatus.ACCEPTED: pb.FeedbackResponse.ACCEPTED,
@@ -76,15 +76,18 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     @map_errors
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         """Score one row; replies after the prediction is committed."""
-        rows = [PredictRow(request.features, request.prediction_id)]
-        return predict_response(self.serving.predict(request.model, rows, current_caller().name)[0])
+        out = self.serving.predict_rows(request.model, (request.features,), (request.prediction_id,),
+                                        current_caller().name)
+        return pb.PredictResponse(prediction_id=str(out.ids[0]), score=out.scores[0], decision=out.decisions[0],
+                                  model_version=out.versions()[0], params_digest=out.digests()[0])
 
     @map_errors
     def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> pb.PredictBatchResponse:
         """Score many rows in one commit; one result per row, in order."""
-        rows = [PredictRow(r.features, r.prediction_id) for r in request.rows]
-        results = self.serving.predict(request.model, rows, current_caller().name)
-        return pb.PredictBatchResponse(results=[predict_response(r) for r in results])
+        rows = request.rows
+        out = self.serving.predict_rows(request.model, [r.features for r in rows], [r.prediction_id for r in rows],
+                                        current_caller().name)
+        return predict_batch_response(out)
 
     # --- feedback ------------------------------------------------------------------------------
 
@@ -236,6 +239,16 @@ def model_info(model: Model) -> pb.ModelInfo:
         spec=spec_to_proto(model.spec), updates_applied=model.updates_applied,
         updates_rejected=model.updates_rejected, rollbacks=model.rollbacks, steps=model.steps,
     )
+
+
+def predict_batch_response(out: Predictions) -> pb.PredictBatchResponse:
+    """The message form of committed predictions (one result per row, in order)."""
+    reply = pb.PredictBatchResponse()
+    add = reply.results.add
+    for pid, score, decision, version, digest in zip(out.ids, out.scores, out.decisions, out.versions(),
+                                                     out.digests(), strict=True):
+        add(prediction_id=str(pid), score=score, model_version=version, params_digest=digest, decision=decision)
+    return reply
 
 
 def predict_response(result: PredictResult) -> pb.PredictResponse:

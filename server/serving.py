@@ -6,10 +6,12 @@ domain's vocabulary and raises the domain's errors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import numpy as np
@@ -20,20 +22,25 @@ from domain.errors import (
     InvalidArgumentError,
     LedgerError,
 )
-from domain.ids import new_prediction_id, prediction_id_for
+from domain.ids import new_prediction_ids, prediction_id_for
 from domain.ledger import LabelOutcome, LabelRequest, LabelStatus
 from domain.prediction import Prediction, check_same_prediction, make_prediction_event
 from domain.validation import require_features
-from projections.learners import decide
+from projections.learners import decide_rows
 from server.catalog import ModelCatalog, ServedModel
 from server.errors import ResourceExhaustedError, status_for
 from server.services import LedgerService
-from server.writer import GroupCommitWriter
+from server.writer import GroupCommitWriter, Submission, Ticket
 
 MAX_PREDICT_ROWS = 10_000
 MAX_FEEDBACK_ITEMS = 10_000
 MAX_REPORTED_ERRORS = 100
 RETRIES_ON_CONFLICT = 3
+# Calls with at most this many rows (and no idempotency keys) are scored on the writer
+# thread, many calls per predict_proba; larger ones are scored by their own thread.
+DEFERRED_MAX_ROWS = 16
+# Per generation (two are kept): ~100 bytes an entry.
+RECENT_PREDICTIONS = 131_072
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,53 @@ class PredictResult:
     decision: float
     model_version: int
     params_digest: str
+
+
+@dataclass
+class Predictions:
+    """Committed predictions as columns, one entry per request row, in order.
+
+    Columns instead of one object per row: a 256-row call replies without building 256
+    result objects. ``model_version`` and ``params_digest`` hold one value for every row
+    unless an idempotent retry returned an older prediction (then they become lists).
+    """
+
+    ids: list[UUID]
+    scores: list[float]
+    decisions: list[float]
+    model_version: int | list[int]
+    params_digest: str | list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def versions(self) -> list[int]:
+        """The model version of every row."""
+        v = self.model_version
+        return v if isinstance(v, list) else [v] * len(self.ids)
+
+    def digests(self) -> list[str]:
+        """The params digest of every row."""
+        d = self.params_digest
+        return d if isinstance(d, list) else [d] * len(self.ids)
+
+    def result(self, i: int) -> PredictResult:
+        """Row ``i`` as one object."""
+        return PredictResult(self.ids[i], self.scores[i], self.decisions[i], self.versions()[i], self.digests()[i])
+
+
+@dataclass
+class _PredictJob:
+    """Unary predictions waiting to be scored together on the writer thread."""
+
+    served: ServedModel
+    model_name: str
+    features: list[tuple[float, ...]]
+    ids: list[UUID]
+    actor: str
+    now: datetime
+    predictions: Predictions | None = None
+    events: list[Prediction.Made] = field(default_factory=list)
 
 
 @dataclass
@@ -91,89 +145,143 @@ class ServingService:
         self.ledger = service.ledger
         self.writer = writer
         self.catalog = catalog
+        writer.builder = self.build_jobs
+        self.recent = RecentPredictions()
+        writer.add_listener(self.recent.on_commit)
 
     # --- predictions ---------------------------------------------------------------------
 
     def predict(self, model_name: str, rows: Sequence[PredictRow], actor: str) -> list[PredictResult]:
+        """``predict_rows`` for row objects, one result object per row."""
+        out = self.predict_rows(model_name, [r.features for r in rows], [r.key for r in rows], actor)
+        return list(map(PredictResult, out.ids, out.scores, out.decisions, out.versions(), out.digests()))
+
+    def predict_rows(
+        self, model_name: str, features: Sequence[Sequence[float]], keys: Sequence[str] | None, actor: str
+    ) -> Predictions:
         """Score rows with the served head, commit one ``Prediction.Made`` each, reply after commit.
 
         A reused idempotency key with the same model and features returns the original
         prediction and writes nothing; with anything else it is ``ALREADY_EXISTS``.
 
+        A few rows (a unary Predict) are scored on the writer thread together with every
+        other call's rows committed in the same transaction (one ``predict_proba`` for
+        all of them); many rows are scored and encoded here, while the writer commits.
+
         Raises:
             ModelNotFoundError, InvalidArgumentError, NonFiniteValueError,
             ConflictingPredictionError, ResourceExhaustedError.
         """
-        if not rows:
+        n = len(features)
+        if not n:
             raise InvalidArgumentError("a prediction needs at least one row of features")
-        if len(rows) > MAX_PREDICT_ROWS:
-            raise ResourceExhaustedError(f"at most {MAX_PREDICT_ROWS} rows per call, got {len(rows)}")
+        if n > MAX_PREDICT_ROWS:
+            raise ResourceExhaustedError(f"at most {MAX_PREDICT_ROWS} rows per call, got {n}")
         served = self.catalog.get(model_name)
         spec = served.spec
-        x = _feature_matrix(rows, spec.n_features, model_name)
-        pids = [prediction_id_for(row.key) if row.key else new_prediction_id() for row in rows]
-        keyed = [pid for row, pid in zip(rows, pids, strict=True) if row.key]
-        proba = served.learner.predict_proba(served.state, x)
+        rows = _checked_rows(features, spec.n_features, model_name)
+        if keys is not None and any(keys):
+            ids = [prediction_id_for(k) if k else None for k in keys]
+            fresh = iter(new_prediction_ids(ids.count(None)))
+            pids = [pid if pid is not None else next(fresh) for pid in ids]
+            keyed = [pid for pid, k in zip(pids, keys, strict=True) if k]
+        else:
+            pids = new_prediction_ids(n)
+            keyed = []
         now = datetime.now(UTC)
-        results: dict[UUID, PredictResult] = {}
-        events: dict[UUID, Prediction.Made] = {}
-        for i, pid in enumerate(pids):
-            score, decision = decide(spec, proba[i])
-            # make_prediction_event validates and converts each row once more; the
-            # matrix check above only makes the common, valid case cheap.
-            event = make_prediction_event(
-                pid,
-                model_id=served.model_id,
-                model_name=model_name,
-                model_version=served.version,
-                spec=spec,
-                features=rows[i].features,
-                score=score,
-                decision=decision,
-                params_digest=served.digest,
-                routing="champion",
-                actor=actor,
-                timestamp=now,
-            )
-            earlier = events.get(pid)
-            if earlier is not None:
-                if earlier.features != event.features:
-                    raise ConflictingPredictionError(
-                        f"prediction_id {rows[i].key!r} appears twice in the request with different features"
+        if n <= DEFERRED_MAX_ROWS and (not keyed or len(set(pids)) == n):
+            job = _PredictJob(served, model_name, rows, pids, actor, now)
+            try:
+                self.writer.submit_job(job, n).result()
+            except ConcurrencyError:
+                # An idempotency key was used before: find out whether it is a retry.
+                if not keyed or job.predictions is None:
+                    raise
+                self._commit_predictions(served, job.events, job.predictions, keyed, conflicted=True)
+            assert job.predictions is not None
+            return job.predictions
+        x = np.asarray(rows, dtype=np.float64)
+        events, out = _build_predictions(served, model_name, rows, x, pids, actor, now)
+        if keyed:
+            events = _dedupe_keyed(events, rows, keys or ())
+        self._commit_predictions(served, events, out, keyed)
+        return out
+
+    def build_jobs(self, submissions: list[Submission]) -> None:
+        """Writer builder: score every queued unary prediction of a transaction at once.
+
+        Jobs scored from the same served head share one ``predict_proba`` call; each
+        job's events and rows are attached to its submission (a job that cannot be
+        built fails alone).
+        """
+        groups: dict[int, list[Submission]] = {}
+        for sub in submissions:
+            groups.setdefault(id(sub.job.served), []).append(sub)
+        for subs in groups.values():
+            jobs: list[_PredictJob] = [sub.job for sub in subs]
+            served = jobs[0].served
+            rows = [f for job in jobs for f in job.features]
+            try:
+                proba = served.learner.predict_proba(served.state, np.asarray(rows, dtype=np.float64))
+                scores, decisions = decide_rows(served.spec, proba)
+            except Exception as exc:
+                for sub in subs:
+                    sub.future.set_exception(exc)
+                continue
+            offset = 0
+            for sub, job in zip(subs, jobs, strict=True):
+                k = len(job.features)
+                try:
+                    events, job.predictions = _made_events(
+                        served, job.model_name, job.features, job.ids, scores[offset : offset + k],
+                        decisions[offset : offset + k], job.actor, job.now,
                     )
-                continue  # the same key twice with the same features: one prediction
-            events[pid] = event
-            results[pid] = PredictResult(pid, score, decision, served.version, served.digest)
-        self._commit_predictions(served, events, results, keyed)
-        return [results[pid] for pid in pids]
+                    sub.rows = self.writer.encode(events)
+                    sub.events = job.events = events
+                except Exception as exc:
+                    sub.future.set_exception(exc)
+                offset += k
 
     def _commit_predictions(
         self,
         served: ServedModel,
-        events: dict[UUID, Prediction.Made],
-        results: dict[UUID, PredictResult],
+        events: list[Prediction.Made],
+        out: Predictions,
         keyed: list[UUID],
+        *,
+        conflicted: bool = False,
     ) -> None:
         # Optimistic: no read before the write. A taken id surfaces as ConcurrencyError
         # (the writer isolates it from other callers); only then is the original read.
+        # ``conflicted``: the first attempt was made (and refused) already.
+        rows = None if conflicted else self.writer.encode(events)
         for _ in range(RETRIES_ON_CONFLICT):
-            try:
-                self.writer.commit(list(events.values()))
-                return
-            except ConcurrencyError:
-                if not keyed:
-                    raise
-                existing = self.ledger.get_predictions(pid for pid in keyed if pid in events)
-                if not existing:
-                    raise
-                for pid, original in existing.items():
-                    check_same_prediction(original, served.model_id, events[pid].features)
-                    results[pid] = PredictResult(
-                        pid, original.score, original.decision, original.model_version, original.params_digest
-                    )
-                    del events[pid]
-                if not events:
+            if not conflicted:
+                try:
+                    self.writer.submit(events, rows).result()
                     return
+                except ConcurrencyError:
+                    if not keyed:
+                        raise
+            conflicted = False
+            pending = {e.originator_id: e for e in events}
+            existing = self.ledger.get_predictions(pid for pid in keyed if pid in pending)
+            if not existing:
+                raise ConcurrencyError("a stream position was taken by another writer; try again")
+            versions, digests = out.versions(), out.digests()
+            for i, pid in enumerate(out.ids):
+                original = existing.get(pid)
+                if original is None:
+                    continue
+                if pid in pending:
+                    check_same_prediction(original, served.model_id, pending.pop(pid).features)
+                out.scores[i], out.decisions[i] = original.score, original.decision
+                versions[i], digests[i] = original.model_version, original.params_digest
+            out.model_version, out.params_digest = versions, digests
+            events = list(pending.values())
+            rows = None
+            if not events:
+                return
         raise ConcurrencyError("predictions kept conflicting with concurrent writers; try again")
 
     # --- feedback --------------------------------------------------------------------------
@@ -187,14 +295,17 @@ class ServingService:
         """
         if len(requests) > MAX_FEEDBACK_ITEMS:
             raise ResourceExhaustedError(f"at most {MAX_FEEDBACK_ITEMS} labels per call, got {len(requests)}")
+        use_index = True
         for _ in range(RETRIES_ON_CONFLICT):
-            outcomes = self.ledger.prepare_labels(requests, received_at=datetime.now(UTC))
+            outcomes = self._prepare_labels(requests, datetime.now(UTC), use_index=use_index)
             try:
                 self.writer.commit([o.event for o in outcomes if o.event is not None])
             except ConcurrencyError:
                 # A racing label for the same prediction committed first: validating
-                # again turns an identical one into DUPLICATE and a different one into
-                # ALREADY_EXISTS.
+                # again, from the log, turns an identical one into DUPLICATE and a
+                # different one into ALREADY_EXISTS.
+                self.recent.forget(r.prediction_id for r in requests)
+                use_index = False
                 continue
             return outcomes
         raise ConcurrencyError("labels kept conflicting with concurrent writers; try again")
@@ -209,7 +320,7 @@ class ServingService:
         window fills while the server stops reading).
         """
         tally = FeedbackTally()
-        pending: list[tuple[list[tuple[int, LabelRequest]], list[LabelOutcome], Future[list[int]]]] = []
+        pending: list[tuple[list[tuple[int, LabelRequest]], list[LabelOutcome], Ticket]] = []
         for chunk in chunks:
             good: list[tuple[int, LabelRequest]] = []
             for index, request, key, error in chunk:
@@ -220,7 +331,9 @@ class ServingService:
             if not good:
                 continue
             outcomes, good = self._prepare_chunk(good, tally)
-            future = self.writer.submit([o.event for o in outcomes if o.event is not None])
+            events = [o.event for o in outcomes if o.event is not None]
+            # Encoded here, while the writer commits the previous chunks.
+            future = self.writer.submit(events, self.writer.encode(events))
             pending.append((good, outcomes, future))
             while len(pending) >= in_flight:
                 self._settle(pending.pop(0), tally)
@@ -228,12 +341,23 @@ class ServingService:
             self._settle(item, tally)
         return tally
 
+    def _prepare_labels(
+        self, requests: Sequence[LabelRequest], now: datetime, *, use_index: bool = True
+    ) -> list[LabelOutcome]:
+        """``Ledger.prepare_labels``, told about the predictions this server committed recently.
+
+        Those need no read: their model, time and (absent) label are known from the
+        commit. Any other prediction, and every one with a label, is read from the log.
+        """
+        pending = self.recent.lookup(r.prediction_id for r in requests) if use_index else None
+        return self.ledger.prepare_labels(requests, received_at=now, pending=pending)
+
     def _prepare_chunk(
         self, good: list[tuple[int, LabelRequest]], tally: FeedbackTally
     ) -> tuple[list[LabelOutcome], list[tuple[int, LabelRequest]]]:
         now = datetime.now(UTC)
         try:
-            return self.ledger.prepare_labels([r for _, r in good], received_at=now), good
+            return self._prepare_labels([r for _, r in good], now), good
         except LedgerError:
             pass
         # Rare path: find the bad labels one by one, then prepare the rest together so
@@ -268,7 +392,7 @@ class ServingService:
 
     def _settle(
         self,
-        item: tuple[list[tuple[int, LabelRequest]], list[LabelOutcome], Future[list[int]]],
+        item: tuple[list[tuple[int, LabelRequest]], list[LabelOutcome], Ticket],
         tally: FeedbackTally,
     ) -> None:
         good, outcomes, future = item
@@ -285,12 +409,119 @@ class ServingService:
         tally.count(outcomes)
 
 
-def _feature_matrix(rows: Sequence[PredictRow], n_features: int, model_name: str) -> np.ndarray:
-    """All rows as one float64 matrix; a bad row raises the domain's precise error."""
-    if all(len(row.features) == n_features for row in rows):
-        x = np.asarray([row.features for row in rows], dtype=np.float64)
-        if np.isfinite(x).all():
-            return x
-    for row in rows:  # rare path: name the first bad row exactly as the domain does
-        require_features(row.features, n_features, model_name)
+class _MadeFacts(NamedTuple):
+    """What label validation reads from a ``Prediction.Made`` (duck-typed for ``pending``)."""
+
+    model_id: UUID
+    timestamp: datetime
+
+
+class RecentPredictions:
+    """Recently committed, not yet labeled predictions of this server: label checks without a read.
+
+    Filled by a writer listener after each commit, so an entry always names a committed
+    prediction. A committed label removes its entry (the log then decides, and says
+    DUPLICATE or ALREADY_EXISTS); a label another process committed is caught by the
+    primary key at commit, after which the caller re-validates from the log. Bounded:
+    two generations of ``size`` entries, the older dropped whole.
+    """
+
+    def __init__(self, size: int = RECENT_PREDICTIONS):
+        self.size = size
+        self._young: dict[UUID, _MadeFacts] = {}
+        self._old: dict[UUID, _MadeFacts] = {}
+
+    def on_commit(self, events: Sequence[Any], _ids: Sequence[int]) -> None:
+        """Writer listener (writer thread)."""
+        young = self._young
+        for event in events:
+            kind = type(event)
+            if kind is Prediction.Made:
+                young[event.originator_id] = _MadeFacts(event.model_id, event.timestamp)
+            elif kind is Prediction.Labeled:
+                young.pop(event.originator_id, None)
+                self._old.pop(event.originator_id, None)
+        if len(young) >= self.size:
+            self._old, self._young = young, {}
+
+    def lookup(self, prediction_ids: Iterable[UUID]) -> dict[UUID, Any]:
+        """Facts of the given predictions that are known here, by id."""
+        young, old = self._young, self._old
+        out: dict[UUID, Any] = {}
+        for pid in prediction_ids:
+            found = young.get(pid) or old.get(pid)
+            if found is not None:
+                out[pid] = found
+        return out
+
+    def forget(self, prediction_ids: Iterable[UUID]) -> None:
+        """Drop entries (after a conflict: the log knows better)."""
+        for pid in prediction_ids:
+            self._young.pop(pid, None)
+            self._old.pop(pid, None)
+
+
+def _checked_rows(features: Sequence[Sequence[float]], n_features: int, model_name: str) -> list[tuple[float, ...]]:
+    """Every row as a tuple of floats, checked as ``require_features`` checks one.
+
+    The common, valid case costs one ``tuple`` per row and one C-level finiteness scan
+    over all values; a bad row is named exactly as the domain names it.
+    """
+    rows = [tuple(f) for f in features]
+    if all(len(r) == n_features for r in rows):
+        try:
+            if all(map(math.isfinite, chain.from_iterable(rows))):
+                # repeated double fields already hold floats; anything else is converted
+                if all(type(v) is float for v in rows[0]):
+                    return rows
+                return [tuple(map(float, r)) for r in rows]
+        except TypeError:
+            pass
+    for r in features:  # rare path: the domain's own check raises the precise error
+        require_features(r, n_features, model_name)
     raise InvalidArgumentError("features must be finite numbers")
+
+
+def _build_predictions(
+    served: ServedModel, model_name: str, rows: list[tuple[float, ...]], x: np.ndarray, pids: list[UUID],
+    actor: str, now: datetime,
+) -> tuple[list[Prediction.Made], Predictions]:
+    proba = served.learner.predict_proba(served.state, x)
+    scores, decisions = decide_rows(served.spec, proba)
+    return _made_events(served, model_name, rows, pids, scores, decisions, actor, now)
+
+
+def _made_events(
+    served: ServedModel, model_name: str, rows: list[tuple[float, ...]], pids: list[UUID], scores: np.ndarray,
+    decisions: np.ndarray, actor: str, now: datetime,
+) -> tuple[list[Prediction.Made], Predictions]:
+    score_list: list[float] = scores.tolist()
+    decision_list: list[float] = decisions.tolist()
+    spec, model_id, version, digest = served.spec, served.model_id, served.version, served.digest
+    events = [
+        make_prediction_event(
+            pid, model_id=model_id, model_name=model_name, model_version=version, spec=spec, features=row,
+            score=score, decision=decision, params_digest=digest, routing="champion", actor=actor, timestamp=now,
+        )
+        for pid, row, score, decision in zip(pids, rows, score_list, decision_list, strict=True)
+    ]
+    return events, Predictions(list(pids), score_list, decision_list, version, digest)
+
+
+def _dedupe_keyed(
+    events: list[Prediction.Made], rows: list[tuple[float, ...]], keys: Sequence[str]
+) -> list[Prediction.Made]:
+    """One event per id: the same key twice with the same features is one prediction."""
+    seen: dict[UUID, int] = {}
+    out = []
+    for i, event in enumerate(events):
+        earlier = seen.get(event.originator_id)
+        if earlier is not None:
+            if rows[earlier] != rows[i]:
+                raise ConflictingPredictionError(
+                    f"prediction_id {keys[i]!r} appears twice in the request with different features"
+                )
+            continue
+        seen[event.originator_id] = i
+        out.append(event)
+    return out

@@ -125,7 +125,8 @@ def test_initial_state_depends_only_on_spec() -> None:
     assert state_digest(make_learner(mlp).init()) == state_digest(make_learner(mlp).init())
     other_seed = mlp.with_changes(seed=mlp.seed + 1)
     assert state_digest(make_learner(other_seed).init()) != state_digest(make_learner(mlp).init())
-    params = make_learner(SPECS["logistic-adam"]).init().params
+    logistic = make_learner(SPECS["logistic-adam"])
+    params = logistic.unpack(logistic.init()).params
     assert sorted(params) == ["layer_0_b", "layer_0_w"]
     assert all(not np.asarray(v).any() for v in params.values())
 
@@ -179,12 +180,14 @@ def test_update_step_compiles_once() -> None:
 def test_scaler_tracks_mean_and_variance_of_real_rows() -> None:
     spec = SPECS["logistic-adam"]
     batches = list(_stream(spec, 20, seed=4))
-    state = _run(make_learner(spec), batches)
+    learner = make_learner(spec)
+    scaler = learner.unpack(_run(learner, batches)).scaler
     rows = np.concatenate([x for x, _ in batches])
-    assert float(state.scaler.count) == rows.shape[0]
-    np.testing.assert_allclose(state.scaler.mean, rows.mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(state.scaler.m2) / rows.shape[0], rows.var(axis=0), rtol=1e-4)
-    unscaled = _run(make_learner(SPECS["linear-adagrad"]), list(_stream(SPECS["linear-adagrad"], 3)))
+    assert float(scaler.count) == rows.shape[0]
+    np.testing.assert_allclose(scaler.mean, rows.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(scaler.m2) / rows.shape[0], rows.var(axis=0), rtol=1e-4)
+    linear = make_learner(SPECS["linear-adagrad"])
+    unscaled = linear.unpack(_run(linear, list(_stream(SPECS["linear-adagrad"], 3))))
     assert float(unscaled.scaler.count) == 0.0
 
 
@@ -327,3 +330,12 @@ def test_make_batch_pads_and_validates() -> None:
             make_batch(spec, x, y)
     with pytest.raises(ValueError, match="0 or 1"):
         make_batch(SPECS["logistic-adam"], np.ones((1, 4)), np.array([2.0]))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_packing_is_exact_and_reversible(name: str) -> None:
+    learner = make_learner(SPECS[name])
+    state = _run(learner, list(_stream(SPECS[name], 3, seed=2)))
+    again = learner.pack(learner.unpack(state))
+    assert state_digest(again) == state_digest(state)
+    assert len(jax.tree_util.tree_leaves(state)) == 3
