@@ -25,7 +25,9 @@ from domain.errors import (
 from domain.mapping import OrjsonTranscoder, TypedMapper
 from domain.model import Model, model_id_for, validate_model_name
 from domain.prediction import (
+    MADE_TOPIC,
     Prediction,
+    make_default_label_event,
     make_label_event,
     validate_label,
     validate_source,
@@ -69,6 +71,8 @@ class _Facts(NamedTuple):
     model_id: UUID
     made_at: datetime
     label: float | None
+    defaulted: bool = False
+    late_label: float | None = None
 
 
 class Ledger(Application):
@@ -253,14 +257,16 @@ class Ledger(Application):
             spec, window = self._spec_of(fact.model_id)
             label = validate_label(spec, request.label)
             source = validate_source(request.source)
-            earlier = seen.get(pid, fact.label)
+            # After a default label, the real one is still recorded (nothing lost), as
+            # version 3 and late: the default was what the learner could use in time.
+            earlier = seen.get(pid, fact.late_label if fact.defaulted else fact.label)
             if earlier is not None:
                 if earlier != label:
                     raise ConflictingLabelError(f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}")
                 outcomes.append(LabelOutcome(pid, LabelStatus.DUPLICATE, None))
                 continue
             seen[pid] = label
-            in_window = request.event_time - fact.made_at <= window
+            in_window = not fact.defaulted and request.event_time - fact.made_at <= window
             event = make_label_event(
                 pid,
                 model_id=fact.model_id,
@@ -270,6 +276,7 @@ class Ledger(Application):
                 in_window=in_window,
                 actor=request.actor,
                 timestamp=received_at,
+                version=3 if fact.defaulted else 2,
             )
             outcomes.append(LabelOutcome(pid, LabelStatus.ACCEPTED if in_window else LabelStatus.LATE, event))
         return outcomes
@@ -279,16 +286,19 @@ class Ledger(Application):
         # the events without replaying them through the aggregate is ~3x cheaper.
         stored = self._select_events_of(prediction_ids)
         facts: dict[UUID, _Facts] = {}
-        labels: dict[UUID, float] = {}
-        for item in stored:
+        for item in sorted(stored, key=lambda s: s.originator_version):
             event: Any = self.mapper.to_domain_event(item)
+            pid = event.originator_id
             if isinstance(event, Prediction.Made):
-                facts[event.originator_id] = _Facts(event.model_id, event.timestamp, None)
-            elif isinstance(event, Prediction.Labeled):
-                labels[event.originator_id] = event.label
-        for pid, label in labels.items():
-            if pid in facts:
-                facts[pid] = facts[pid]._replace(label=label)
+                facts[pid] = _Facts(event.model_id, event.timestamp, None)
+            elif pid not in facts:
+                continue
+            elif isinstance(event, Prediction.DefaultLabeled):
+                facts[pid] = facts[pid]._replace(label=event.label, defaulted=True)
+            elif facts[pid].defaulted:
+                facts[pid] = facts[pid]._replace(late_label=event.label)
+            else:
+                facts[pid] = facts[pid]._replace(label=event.label)
         return facts
 
     def record(self, events: Sequence[DomainEventProtocol[Any]]) -> list[int]:
@@ -313,6 +323,47 @@ class Ledger(Application):
         except IntegrityError as exc:
             raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
         return list(ids or [])
+
+    def prepare_default_labels(
+        self, *, now: datetime, after: int = 0, limit: int = 1000, actor: str = "default-labeler"
+    ) -> tuple[list[Prediction.DefaultLabeled], int]:
+        """Default labels for predictions whose feedback window closed without a label.
+
+        Only models whose spec declares ``default_label`` get them. Nothing is written;
+        commit the events with ``record`` (a real label racing in first makes that a
+        ``ConcurrencyError``: prepare again).
+
+        Args:
+            now: the closing time to compare windows against.
+            after: log position to scan from (the cursor a previous call returned).
+            limit: most unlabeled predictions to look at.
+
+        Returns:
+            The events, and the cursor for the next call: the position before the first
+            prediction whose window is still open.
+        """
+        recorder: Any = self.recorder
+        if not hasattr(recorder, "select_unanswered"):
+            return [], after
+        rows = recorder.select_unanswered(MADE_TOPIC, after, limit)
+        events: list[Prediction.DefaultLabeled] = []
+        cursor: int | None = None
+        for position, stored in rows:
+            made: Any = self.mapper.to_domain_event(stored)
+            spec, window = self._spec_of(made.model_id)
+            if spec.default_label is None:
+                continue
+            if made.timestamp + window > now:
+                cursor = position - 1 if cursor is None else cursor
+                continue
+            events.append(
+                make_default_label_event(
+                    made.originator_id, model_id=made.model_id, spec=spec, actor=actor, timestamp=now
+                )
+            )
+        if cursor is None:
+            cursor = rows[-1][0] if rows else after
+        return events, cursor
 
     def _select_events_of(self, originator_ids: Iterable[UUID]) -> list[Any]:
         # One round trip on the ledger's recorder; one query per id on any other.

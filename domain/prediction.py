@@ -46,6 +46,18 @@ class Prediction(Aggregate):
         in_window: bool
         actor: str
 
+    class DefaultLabeled(Aggregate.Event):
+        """No label came within the window; the model's declared default applies.
+
+        Its own event type, so an auditor can always tell an assumed outcome from an
+        observed one.
+        """
+
+        model_id: UUID
+        label: float
+        window_s: float
+        actor: str
+
     @event(Made)
     def __init__(
         self,
@@ -70,6 +82,8 @@ class Prediction(Aggregate):
         self.label_source: str | None = None
         self.event_time: datetime | None = None
         self.in_window: bool | None = None
+        self.defaulted = False
+        self.late_label: float | None = None
 
     @event(Labeled)
     def _labeled(
@@ -81,10 +95,21 @@ class Prediction(Aggregate):
         in_window: bool,
         actor: str,
     ) -> None:
+        if self.label is not None:
+            # Only after a default label: the real one came too late to count.
+            self.late_label = label
+            return
         self.label = label
         self.label_source = source
         self.event_time = event_time
         self.in_window = in_window
+
+    @event(DefaultLabeled)
+    def _default_labeled(self, model_id: UUID, label: float, window_s: float, actor: str) -> None:
+        self.label = label
+        self.label_source = "default"
+        self.in_window = True
+        self.defaulted = True
 
     @property
     def is_labeled(self) -> bool:
@@ -94,6 +119,7 @@ class Prediction(Aggregate):
 
 MADE_TOPIC = get_topic(Prediction.Made)
 LABELED_TOPIC = get_topic(Prediction.Labeled)
+DEFAULT_LABELED_TOPIC = get_topic(Prediction.DefaultLabeled)
 PREDICTION_TOPIC = get_topic(Prediction)
 
 
@@ -193,13 +219,14 @@ def make_label_event(
     in_window: bool,
     actor: str,
     timestamp: datetime,
+    version: int = 2,
 ) -> Prediction.Labeled:
-    """Build the ``Prediction.Labeled`` event (version 2 of the prediction's stream)."""
+    """Build the ``Prediction.Labeled`` event (version 2; 3 after a default label)."""
     # Built like make_prediction_event's event, for the same reason (tested equal).
     event = object.__new__(Prediction.Labeled)
     event.__dict__.update(
         originator_id=prediction_id,
-        originator_version=2,
+        originator_version=version,
         timestamp=timestamp,
         model_id=model_id,
         label=label,
@@ -209,3 +236,24 @@ def make_label_event(
         actor=actor,
     )
     return event
+
+
+def make_default_label_event(
+    prediction_id: UUID, *, model_id: UUID, spec: LearnerSpec, actor: str, timestamp: datetime
+) -> Prediction.DefaultLabeled:
+    """Build the ``Prediction.DefaultLabeled`` event for a prediction whose window closed.
+
+    Raises:
+        InvalidArgumentError: the model declares no default label.
+    """
+    if spec.default_label is None:
+        raise InvalidArgumentError("this model declares no default label")
+    return Prediction.DefaultLabeled(  # type: ignore[call-arg]
+        originator_id=prediction_id,
+        originator_version=2,
+        timestamp=timestamp,
+        model_id=model_id,
+        label=float(spec.default_label),
+        window_s=spec.feedback_window_s,
+        actor=actor,
+    )

@@ -40,6 +40,11 @@ class LearnerSpec:
         threshold: decision threshold on the binary score.
         feedback_window_s: a label whose event time is more than this many seconds after
             the prediction is stored but marked late and never learned from.
+        default_label: for tasks where silence means an outcome (no click = 0): a
+            prediction still unlabeled when its window closes gets this label, recorded
+            as ``Prediction.DefaultLabeled`` so it is never mistaken for a real one.
+        max_batch_wait_s: learn from a partial batch once its oldest label has waited
+            this long (0: only full batches). The batch taken is recorded either way.
     """
 
     kind: str
@@ -56,6 +61,8 @@ class LearnerSpec:
     standardize: bool = True
     threshold: float = 0.5
     feedback_window_s: float = 30 * 86_400.0
+    default_label: float | None = None
+    max_batch_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         # Fill derived defaults so that the recorded spec is explicit and complete.
@@ -99,6 +106,20 @@ class LearnerSpec:
             raise InvalidSpecError(f"batch_size must be between 1 and 65536, got {self.batch_size}")
         if not 0 <= self.seed < 2**31:
             raise InvalidSpecError(f"seed must be between 0 and 2**31-1, got {self.seed}")
+        if self.max_batch_wait_s < 0.0 or not math.isfinite(self.max_batch_wait_s):
+            raise InvalidSpecError(f"max_batch_wait_s must be a finite number >= 0, got {self.max_batch_wait_s}")
+        if self.default_label is not None:
+            ok = math.isfinite(self.default_label) and (
+                self.head == "regression"
+                or (self.head == "binary" and self.default_label in (0.0, 1.0))
+                or (
+                    self.head == "multiclass"
+                    and float(self.default_label).is_integer()
+                    and 0 <= self.default_label < self.n_classes
+                )
+            )
+            if not ok:
+                raise InvalidSpecError(f"default_label {self.default_label} is not a label a {self.head} model takes")
         if self.feedback_window_s <= 0.0:
             raise InvalidSpecError(f"feedback_window_s must be > 0, got {self.feedback_window_s}")
         if not 0.0 < self.threshold < 1.0:

@@ -25,6 +25,9 @@ class LabeledExample:
     prediction_id: UUID
     features: tuple[float, ...]
     label: float
+    # When the learner received it (time.monotonic()): decides only when a partial
+    # batch is due under ``max_batch_wait_s``; the batch taken is what gets recorded.
+    received: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -74,20 +77,37 @@ class ModelLearner:
         """Queue a labeled example (in log order)."""
         self.buffer.append(example)
 
-    def ready(self) -> bool:
-        """Whether a full batch is waiting and learning is not paused."""
-        return len(self.buffer) >= self.model.spec.batch_size and not self.model.paused
+    def ready(self, now: float | None = None) -> bool:
+        """Whether a batch is due: a full one, or (with ``now``) a partial one that waited.
 
-    def step(self) -> list[Any]:
+        Args:
+            now: ``time.monotonic()``; when given, a partial batch whose oldest label has
+                waited ``spec.max_batch_wait_s`` is due too.
+        """
+        if self.model.paused or not self.buffer:
+            return False
+        spec = self.model.spec
+        if len(self.buffer) >= spec.batch_size:
+            return True
+        return now is not None and spec.max_batch_wait_s > 0 and now - self.buffer[0].received >= spec.max_batch_wait_s
+
+    def next_due(self) -> float | None:
+        """When a partial batch becomes due (monotonic seconds), or None."""
+        spec = self.model.spec
+        if self.model.paused or not self.buffer or spec.max_batch_wait_s <= 0:
+            return None
+        return self.buffer[0].received + spec.max_batch_wait_s
+
+    def step(self, now: float | None = None) -> list[Any]:
         """Take one batch, compute the step, and return the events that record it.
 
         A step whose parameters come out non-finite is recorded as ``UpdateRejected`` and
         the served state does not change.
         """
-        if not self.ready():
-            raise FailedPreconditionError("no full batch to learn from, or learning is paused")
+        if not self.ready(now):
+            raise FailedPreconditionError("no batch is due, or learning is paused")
         spec = self.model.spec
-        taken = [self.buffer.popleft() for _ in range(spec.batch_size)]
+        taken = [self.buffer.popleft() for _ in range(min(spec.batch_size, len(self.buffer)))]
         x = np.asarray([e.features for e in taken], dtype=np.float64)
         y = np.asarray([e.label for e in taken], dtype=np.float64)
         ids = tuple(e.prediction_id for e in taken)

@@ -142,6 +142,28 @@ class LedgerRecorder(PostgresApplicationRecorder):
             row = curs.fetchone()
         return int(row["notification_id"]) if row else None
 
+    def select_unanswered(self, topic: str, after: int, limit: int) -> list[tuple[int, StoredEvent]]:
+        """Events of ``topic`` (first in their stream) whose stream has no second event yet.
+
+        Used to find predictions still unlabeled; returns ``(notification_id, event)`` in
+        log order after position ``after``.
+        """
+        statement = SQL(
+            "SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM {schema}.{table} e WHERE e.notification_id > %s AND e.topic = %s AND NOT EXISTS "
+            "(SELECT 1 FROM {schema}.{table} n WHERE n.originator_id = e.originator_id "
+            "AND n.originator_version = e.originator_version + 1) ORDER BY e.notification_id LIMIT %s"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (after, topic, limit))
+            return [
+                (
+                    int(row["notification_id"]),
+                    StoredEvent(row["originator_id"], row["originator_version"], row["topic"], bytes(row["state"])),
+                )
+                for row in curs.fetchall()
+            ]
+
     def select_originator_ids_by_topic(self, topic: str) -> list[UUID]:
         """Ids of the aggregates that have an event of ``topic``, in log order."""
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
