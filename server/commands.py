@@ -218,20 +218,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     stream = drifting_binary_stream(args.events, seed=args.seed)
     delays = random_label_delays(args.events, mean_delay=20.0, seed=args.seed + 1)
-    spec = {"kind": "logistic", "n_features": int(stream.x.shape[1]), "optimizer": "adam",
-            "learning_rate": 0.05, "batch_size": 32, "seed": args.seed}
+    spec = {
+        "kind": "logistic",
+        "n_features": int(stream.x.shape[1]),
+        "optimizer": "adam",
+        "learning_rate": 0.05,
+        "batch_size": 32,
+        "seed": args.seed,
+    }
     with runtime() as rt:
         if not args.json:
             print(f"learnledger demo: PostgreSQL at {rt.database.display_url()}", file=sys.stderr)
-            print(f"  streaming {args.events} examples through an in-process gRPC server; "
-                  "labels arrive late and out of order", file=sys.stderr)
+            print(
+                f"  streaming {args.events} examples through an in-process gRPC server; "
+                "labels arrive late and out of order",
+                file=sys.stderr,
+            )
 
         def show(p: Any) -> None:
             if not args.json:
                 acc = f"{p.accuracy:.3f}" if p.accuracy is not None else "-"
-                print(f"\r  {p.predictions:>8} predictions  {p.labels:>8} labels  v{p.model_version:<7} "
-                      f"accuracy {acc}  {p.predictions / max(p.seconds, 1e-9):,.0f}/s",
-                      end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r  {p.predictions:>8} predictions  {p.labels:>8} labels  v{p.model_version:<7} "
+                    f"accuracy {acc}  {p.predictions / max(p.seconds, 1e-9):,.0f}/s",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         result = run_grpc_demo(rt.service, args.model, spec, stream.x, stream.y, delays, progress=show)
         if not args.json:

@@ -124,20 +124,47 @@ def test_fast_built_events_equal_the_aggregate_built_ones() -> None:
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     pid, mid = UUID(int=7), UUID(int=8)
     fast = make_prediction_event(
-        pid, model_id=mid, model_name="m", model_version=3, spec=SPEC, features=[1, 2.5, -3],
-        score=0.25, decision=0.0, params_digest="d", routing="champion", actor="a", timestamp=when,
+        pid,
+        model_id=mid,
+        model_name="m",
+        model_version=3,
+        spec=SPEC,
+        features=[1, 2.5, -3],
+        score=0.25,
+        decision=0.0,
+        params_digest="d",
+        routing="champion",
+        actor="a",
+        timestamp=when,
     )
     slow = Prediction.Made(  # type: ignore[call-arg]
-        originator_id=pid, originator_version=1, timestamp=when, originator_topic=fast.originator_topic,
-        model_id=mid, model_version=3, features=(1.0, 2.5, -3.0), score=0.25, decision=0.0,
-        params_digest="d", routing="champion", actor="a",
+        originator_id=pid,
+        originator_version=1,
+        timestamp=when,
+        originator_topic=fast.originator_topic,
+        model_id=mid,
+        model_version=3,
+        features=(1.0, 2.5, -3.0),
+        score=0.25,
+        decision=0.0,
+        params_digest="d",
+        routing="champion",
+        actor="a",
     )
     assert fast == slow and vars(fast) == vars(slow)
-    fast_label = make_label_event(pid, model_id=mid, label=1.0, source="s", event_time=when, in_window=True, actor="a",
-                                  timestamp=when)
+    fast_label = make_label_event(
+        pid, model_id=mid, label=1.0, source="s", event_time=when, in_window=True, actor="a", timestamp=when
+    )
     slow_label = Prediction.Labeled(  # type: ignore[call-arg]
-        originator_id=pid, originator_version=2, timestamp=when, model_id=mid, label=1.0, source="s",
-        event_time=when, in_window=True, actor="a",
+        originator_id=pid,
+        originator_version=2,
+        timestamp=when,
+        model_id=mid,
+        label=1.0,
+        source="s",
+        event_time=when,
+        in_window=True,
+        actor="a",
     )
     assert fast_label == slow_label and vars(fast_label) == vars(slow_label)
     assert MAPPER.to_row(fast) == tuple(vars(MAPPER.to_stored_event(fast)).values())
