@@ -131,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd_serve(args)
 
     p.set_defaults(handler=serve)
+
+    p = sub.add_parser("ingest", help="commit feedback from a NATS JetStream subject (ack after commit)")
+    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL (default nats://127.0.0.1:4222)")
+    p.add_argument("--subject", required=True, help="subject carrying JSON feedback messages")
+    p.add_argument("--stream", help="JetStream stream (default: the one holding the subject, else created)")
+    p.add_argument("--durable", default="learnledger-ingest", help="durable consumer name")
+    p.add_argument("--dead-letter", help="dead-letter subject (default SUBJECT.dlq)")
+    p.add_argument("--batch", type=_positive_int, default=256, help="messages per transaction (default 256)")
+    p.add_argument("--max-deliver", type=_positive_int, default=5, help="deliveries before NOT_FOUND is dead-lettered")
+    p.add_argument("--once", action="store_true", help="drain what is available, print a summary, exit")
+    p.add_argument("--json", action="store_true")
+
+    def ingest(args: argparse.Namespace) -> int:
+        from server.ingest import cmd_ingest
+
+        return cmd_ingest(args)
+
+    p.set_defaults(handler=ingest)
     return parser
 
 
