@@ -162,6 +162,34 @@ def make_learner(spec: LearnerSpec) -> Learner:
     return Learner(spec, init, update_step, predict, predict_proba, losses, unpack, pack)
 
 
+@functools.lru_cache(maxsize=256)
+def logits_fn(spec: LearnerSpec) -> Callable[[LearnerState, jax.Array], jax.Array]:
+    """The model's raw output for one feature row: standardise (if the spec does), then forward.
+
+    The same float32 operations ``predict_proba`` applies before its link function, for
+    a single row, jitted and differentiable: explanations decompose it exactly (linear
+    kinds) or integrate its gradient (``jax.grad``, for MLPs). Serving never calls it.
+
+    Args:
+        spec: the learner specification.
+
+    Returns:
+        ``logits(state, x)``: packed state and raw features [n_features] in, the
+        [n_outputs] logits (binary: log-odds; multiclass: class logits; regression:
+        the prediction) out.
+    """
+    unpack = make_learner(spec).unpack
+
+    @jax.jit
+    def logits(packed: LearnerState, x: jax.Array) -> jax.Array:
+        state = unpack(packed)
+        row = jnp.asarray(x, jnp.float32)[None, :]
+        z = _standardise(state.scaler, row) if spec.standardize else row
+        return _forward(spec, state.params, z)[0]
+
+    return logits
+
+
 def make_batch(spec: LearnerSpec, x: np.ndarray, y: np.ndarray) -> Batch:
     """Pad labeled rows to exactly ``spec.batch_size`` rows, masking the padding out.
 
