@@ -19,6 +19,7 @@ from domain.errors import (
     LedgerError,
     NotFoundError,
 )
+from projections.replay import ReplayError
 from server.writer import WriterClosedError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (ConcurrencyError, grpc.StatusCode.ABORTED),
+    # The log cannot be folded back into what it recorded (a replayed score or digest
+    # differs): corruption or tampering, which a retry cannot fix.
+    (ReplayError, grpc.StatusCode.DATA_LOSS),
     # Not domain errors, but transient by nature: the client's retry is the right answer.
     (WriterClosedError, grpc.StatusCode.UNAVAILABLE),
     (OperationalError, grpc.StatusCode.UNAVAILABLE),
