@@ -21,6 +21,7 @@ import numpy as np
 
 from domain.ledger import Ledger
 from domain.model import Model
+from domain.seal import SEALS_ID, LogSeals
 from domain.spec import LearnerSpec
 from projections.attribution import Attribution, attribute, standardisation
 from projections.counterfactual import Counterfactuals, find_counterfactuals, rescore
@@ -225,8 +226,7 @@ def explain_prediction(ledger: Ledger, replayer: Replayer, prediction_id: UUID) 
     # Taken last: every event read above was committed at or before this position.
     attestation = Attestation(
         log_position=int(ledger.recorder.max_notification_id() or 0),
-        seal=SEAL_NONE,
-        seal_note="tamper-evident seals are not recorded yet; no seal covers this log position",
+        **_seal_for(ledger, prediction_id),
         replay=f"Model {model.name!r} was replayed to version {version}; every recorded digest on the way matched",
     )
     return Explanation(decided, reasons, counterfactual, provenance, afterwards, attestation)
@@ -327,3 +327,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _seal_for(ledger: Ledger, prediction_id: UUID) -> dict[str, str]:
+    """The seal covering the prediction's log position, if one does yet."""
+    recorder: Any = ledger.recorder
+    position = (
+        recorder.select_notification_id(prediction_id, 1) if hasattr(recorder, "select_notification_id") else None
+    )
+    chain = [e for e in ledger.events.get(SEALS_ID) if isinstance(e, LogSeals.Sealed)]
+    for number, sealed in enumerate(chain, start=1):
+        if position is not None and sealed.first <= position <= sealed.last:
+            return {
+                "seal": sealed.seal,
+                "seal_note": (
+                    f"the decision (log position {position}) is covered by seal {number} of {len(chain)} "
+                    f"(positions {sealed.first}..{sealed.last}); the chain head is {chain[-1].seal}"
+                ),
+            }
+    return {
+        "seal": SEAL_NONE,
+        "seal_note": "no seal covers this log position yet (learnledger audit seal adds one)",
+    }

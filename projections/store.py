@@ -79,6 +79,11 @@ class LedgerRecorder(PostgresApplicationRecorder):
                     table=table,
                     func=guard,
                 ),
+                # Leaf hashes of sealed rows: authenticated by the seals' Merkle roots, they
+                # let the audit name the exact row that was changed or removed.
+                SQL(
+                    "CREATE TABLE IF NOT EXISTS {schema}.{leaves} (position bigint PRIMARY KEY, leaf bytea NOT NULL)"
+                ).format(schema=schema, leaves=Identifier(self.seal_leaves_table_name)),
                 SQL(
                     "CREATE TABLE IF NOT EXISTS {schema}.{snapshots} ("
                     "model_id uuid NOT NULL, version bigint NOT NULL, digest text NOT NULL, "
@@ -86,6 +91,48 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 ).format(schema=schema, snapshots=Identifier(self.snapshots_table_name)),
             ]
         )
+
+    @property
+    def seal_leaves_table_name(self) -> str:
+        """Per-row leaf hashes of sealed ranges."""
+        return self.events_table_name.replace("_events", "") + "_seal_leaves"
+
+    def select_rows(self, first: int, last: int) -> list[tuple[int, UUID, int, str, bytes]]:
+        """Raw event rows with positions ``first``..``last``, in log order."""
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state FROM {schema}.{table} "
+            "WHERE notification_id BETWEEN %s AND %s ORDER BY notification_id"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (first, last))
+            return [
+                (
+                    int(r["notification_id"]),
+                    r["originator_id"],
+                    int(r["originator_version"]),
+                    r["topic"],
+                    bytes(r["state"]),
+                )
+                for r in curs.fetchall()
+            ]
+
+    def put_seal_leaves(self, leaves: Sequence[tuple[int, bytes]]) -> None:
+        """Store leaf hashes (idempotent: a position's leaf never changes)."""
+        statement = SQL(
+            "INSERT INTO {schema}.{t} (position, leaf) SELECT * FROM unnest(%s::bigint[], %s::bytea[]) "
+            "ON CONFLICT (position) DO NOTHING"
+        ).format(schema=Identifier(self.datastore.schema), t=Identifier(self.seal_leaves_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, ([p for p, _ in leaves], [leaf for _, leaf in leaves]))
+
+    def get_seal_leaves(self, first: int, last: int) -> dict[int, bytes]:
+        """Stored leaf hashes for positions ``first``..``last``."""
+        statement = SQL("SELECT position, leaf FROM {schema}.{t} WHERE position BETWEEN %s AND %s").format(
+            schema=Identifier(self.datastore.schema), t=Identifier(self.seal_leaves_table_name)
+        )
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (first, last))
+            return {int(r["position"]): bytes(r["leaf"]) for r in curs.fetchall()}
 
     @property
     def snapshots_table_name(self) -> str:

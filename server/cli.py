@@ -81,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit tools")
     audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser)
-    p = audit_sub.add_parser("verify", help="replay from genesis and compare every recorded digest")
+    p = audit_sub.add_parser("verify", help="replay from genesis, compare every recorded digest, check the seals")
     p.add_argument("model", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_handler("audit_verify"))
+    p = audit_sub.add_parser("seal", help="seal the log written since the last seal (hash chain of Merkle roots)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_handler("audit_seal"))
 
     p = sub.add_parser("at", help="the model's state at a version or time")
     p.add_argument("model")
@@ -149,6 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd_ingest(args)
 
     p.set_defaults(handler=ingest)
+
+    p = sub.add_parser("explain", help="why a past decision was made, re-derived from the log by replay")
+    p.add_argument("prediction_id", help="the prediction's id (a UUID)")
+    p.add_argument("--format", choices=["json", "html", "pdf"], default="json", help="report format (default json)")
+    p.add_argument("--out", type=Path, help="write the report here (default stdout; pdf needs it)")
+    p.add_argument("--json", action="store_true", help="with --out: print a JSON summary line")
+
+    def explain(args: argparse.Namespace) -> int:
+        from server.explain_command import cmd_explain
+
+        return cmd_explain(args)
+
+    p.set_defaults(handler=explain)
+
+    p = sub.add_parser("learn", help="run learners as their own process (one elected leader per model)")
+    p.add_argument("--models", help="comma-separated model names (default: every model, as registered)")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="log polling fallback in seconds (default 0.5)")
+    p.add_argument("--sweep-interval", type=float, default=5.0, help="default-label sweep period, s; 0: off")
+    p.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+
+    def learn(args: argparse.Namespace) -> int:
+        from server.learn import cmd_learn
+
+        return cmd_learn(args)
+
+    p.set_defaults(handler=learn)
     return parser
 
 

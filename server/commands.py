@@ -97,7 +97,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         if args.model:
             rt.ledger.get_model(args.model)  # a clear NOT FOUND before any replay
         reports = rt.service.verify(args.model)
-    payload = verify_payload(reports)
+        seals = rt.service.verify_seals()
+    payload = verify_payload(reports, seals)
     lines = []
     for r in reports:
         status = "verified" if r.verified else f"DIVERGED at version {r.divergence.version if r.divergence else '?'}"
@@ -106,16 +107,33 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             lines.append(f"  platform differs from registration: {_platform_text(r.platform_differences)}")
         if r.divergence:
             lines.append(f"  recorded {r.divergence.recorded or '-'} replayed {r.divergence.replayed}")
-    emit(args, payload, "\n".join(lines) or "no models to verify")
+    lines.append(
+        f"seals: {'verified' if seals.verified else 'TAMPERING DETECTED'} ({seals.seals_checked} seals, "
+        f"{seals.positions_sealed} positions; head {seals.head[:23]}…)"
+    )
+    lines.extend(f"  {f.kind} at position {f.position}: {f.detail}" for f in seals.findings)
+    emit(args, payload, "\n".join(lines))
     return 0 if payload["verified"] else EXIT_DIVERGED
 
 
-def verify_payload(reports: list[Any]) -> dict[str, Any]:
-    """The JSON answer of ``audit verify``."""
+def cmd_audit_seal(args: argparse.Namespace) -> int:
+    """``learnledger audit seal``."""
+    with runtime() as rt:
+        sealed = rt.service.seal(CLI_ACTOR)
+    if sealed is None:
+        emit(args, {"sealed": False}, "nothing new to seal")
+        return 0
+    payload = {"sealed": True, "first": sealed.first, "last": sealed.last, "count": sealed.count, "seal": sealed.seal}
+    emit(args, payload, f"sealed positions {sealed.first}..{sealed.last} ({sealed.count} rows): {sealed.seal}")
+    return 0
+
+
+def verify_payload(reports: list[Any], seals: Any = None) -> dict[str, Any]:
+    """The JSON answer of ``audit verify``: replayed digests, and the seals when given."""
     first = next((r for r in reports if not r.verified), None)
     platform_differs = any(r.platform_differences for r in reports)
     payload: dict[str, Any] = {
-        "verified": first is None,
+        "verified": first is None and (seals is None or seals.verified),
         "versions_checked": sum(r.versions_checked for r in reports),
         "updates_replayed": sum(r.updates_replayed for r in reports),
         "models": [
@@ -129,6 +147,8 @@ def verify_payload(reports: list[Any]) -> dict[str, Any]:
         ],
         "platform_differs": platform_differs,
     }
+    if seals is not None:
+        payload["seals"] = seals.to_json()
     if first is not None and first.divergence is not None:
         payload["first_divergence"] = {
             "model": first.model,
@@ -249,6 +269,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = run_grpc_demo(rt.service, args.model, spec, stream.x, stream.y, delays, progress=show)
         if not args.json:
             print(file=sys.stderr)
+        rt.service.seal("demo")
+        seals = rt.service.verify_seals()
+        result["seals_verified"] = seals.verified
+        result["head_seal"] = seals.head
+        result["audit_verified"] = bool(result["audit_verified"] and seals.verified)
     result["drift_at"] = list(stream.drift_at)
     text = (
         "learnledger demo finished\n"
@@ -286,8 +311,9 @@ def _simulate_and_verify(
     if not quiet:
         print(file=sys.stderr)
         print("  verifying: replaying the model from genesis ...", file=sys.stderr)
+    rt.service.seal("simulate")
     reports = rt.service.verify(model)
-    audit = verify_payload(reports)
+    audit = verify_payload(reports, rt.service.verify_seals())
     return {
         "model": model,
         "examples": result.examples,

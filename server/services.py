@@ -20,6 +20,7 @@ from projections.learners import decide, make_learner
 from projections.learning import ModelLearner, Scored
 from projections.platform import platform_fingerprint
 from projections.replay import FoldedState, Replayer, VerifyReport
+from projections.seals import SealReport, seal_log, verify_seals
 from projections.store import LedgerRecorder
 
 
@@ -134,6 +135,14 @@ class LedgerService:
         model = self.ledger.resume_model(name, reason, actor)
         self._refresh_live(model)
         return model
+
+    def seal(self, actor: str) -> Any:
+        """Seal the log positions written since the last seal (None when nothing new)."""
+        return seal_log(self.ledger, actor=actor)
+
+    def verify_seals(self) -> SealReport:
+        """Check the seal chain and every sealed row."""
+        return verify_seals(self.ledger)
 
     def verify(self, name: str | None = None) -> list[VerifyReport]:
         """Replay every model (or one) from genesis and compare every recorded digest."""
