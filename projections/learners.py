@@ -100,7 +100,7 @@ def make_learner(spec: LearnerSpec) -> Learner:
     pack, unpack = _make_packing(spec, tx)
 
     def loss_fn(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        data_loss = _masked_mean(_example_losses(spec, _forward(spec, params, x), y), mask)
+        data_loss = _masked_mean(example_losses(spec, _forward(spec, params, x), y), mask)
         return data_loss + _l2_penalty(spec, params), data_loss
 
     @functools.cache  # arrays are immutable, so every caller can share one initial state
@@ -124,7 +124,7 @@ def make_learner(spec: LearnerSpec) -> Learner:
         (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, y, mask)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        loss_after = _masked_mean(_example_losses(spec, _forward(spec, params, x), y), mask)
+        loss_after = _masked_mean(example_losses(spec, _forward(spec, params, x), y), mask)
         new_state = pack(StructuredState(state.step + 1, params, opt_state, scaler))
         finite = jnp.all(jnp.isfinite(new_state.floats))
         n = jnp.sum(mask)
@@ -138,7 +138,7 @@ def make_learner(spec: LearnerSpec) -> Learner:
     def evaluate(packed: LearnerState, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         state = unpack(packed)
         logits = _forward(spec, state.params, _standardise(state.scaler, x) if spec.standardize else x)
-        return _outputs(spec, logits), _example_losses(spec, logits, y)
+        return _outputs(spec, logits), example_losses(spec, logits, y)
 
     def predict_proba(state: LearnerState, x: np.ndarray) -> np.ndarray:
         xp, n = _pad_rows(spec, x)
@@ -366,7 +366,8 @@ def _forward(spec: LearnerSpec, params: Params, x: jax.Array) -> jax.Array:
     return h
 
 
-def _example_losses(spec: LearnerSpec, logits: jax.Array, y: jax.Array) -> jax.Array:
+def example_losses(spec: LearnerSpec, logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example loss of the spec's head for raw outputs ``logits`` [N, n_outputs] and labels [N]."""
     if spec.head == "binary":
         return optax.sigmoid_binary_cross_entropy(logits[:, 0], y)
     if spec.head == "multiclass":

@@ -94,7 +94,7 @@ def lineage_at(events: Sequence[Any], version: int) -> Lineage:
             case Model.RolledBack():
                 rollbacks += 1
         if v == version:
-            created_by = _describe(event)
+            created_by = describe_event(event)
     batches = _kept_batches(events, version)
     digest = hashlib.sha256()
     for _, ids in batches:
@@ -184,7 +184,8 @@ def _verdict(event: Any, verdict: str, reason: str) -> GateVerdict:
     )
 
 
-def _describe(event: Any) -> str:
+def describe_event(event: Any) -> str:
+    """How a model version came to be, in a few plain words."""
     match event:
         case Model.Registered():
             return "registration (initial state)"

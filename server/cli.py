@@ -178,6 +178,49 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd_learn(args)
 
     p.set_defaults(handler=learn)
+
+    # --- time-travel audits (bodies in server.audit_commands) ---
+    def _audit_handler(name: str) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            from server import audit_commands
+
+            return int(getattr(audit_commands, f"cmd_{name}")(args))
+
+        return run
+
+    p = sub.add_parser("report", help="regulator report: versions that served in a period, changes, accuracy")
+    p.add_argument("model")
+    p.add_argument("--from", dest="start", type=_iso_time, required=True, help="ISO 8601 with timezone")
+    p.add_argument("--to", dest="end", type=_iso_time, required=True, help="ISO 8601 with timezone")
+    p.add_argument("--format", choices=["json", "html", "pdf"], default="json", help="report format (default json)")
+    p.add_argument("--out", type=Path, help="write the report here (default stdout; pdf needs it)")
+    p.add_argument("--json", action="store_true", help="with --out: print a JSON summary line")
+    p.set_defaults(handler=_audit_handler("report"))
+
+    p = sub.add_parser("diff", help="which weights changed between two versions, and which batches moved them")
+    p.add_argument("model")
+    p.add_argument("v1", type=_positive_int)
+    p.add_argument("v2", type=_positive_int)
+    p.add_argument("--top", type=_positive_int, default=10, help="weights, batches and examples shown (default 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_audit_handler("diff"))
+
+    p = sub.add_parser("counterfactual", help="replay without some labels into a recorded branch that never serves")
+    p.add_argument("model")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--exclude-source", help="leave out every label from this feedback source")
+    what.add_argument("--exclude-ids", type=Path, help="file of prediction ids (one per line, or a JSON list)")
+    p.add_argument("--from", dest="from_version", type=_positive_int, default=1, help="branch point (default 1)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_audit_handler("counterfactual"))
+
+    p = sub.add_parser("impact", help="taint analysis: versions descending from some labels, and what they served")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--source", help="every label from this feedback source")
+    what.add_argument("--ids", type=Path, help="file of prediction ids (one per line, or a JSON list)")
+    p.add_argument("--model", help="only this model (default: every model the labels belong to)")
+    p.add_argument("--json", action="store_true", help="JSON, listing affected prediction ids (capped)")
+    p.set_defaults(handler=_audit_handler("impact"))
     return parser
 
 

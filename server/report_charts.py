@@ -59,7 +59,13 @@ def contribution_chart(contributions: Sequence[dict[str, Any]], *, width: int = 
 
 
 def performance_chart(
-    points: Sequence[dict[str, Any]], metric: str, marked_version: int, *, width: int = 760, height: int = 280
+    points: Sequence[dict[str, Any]],
+    metric: str,
+    marked_version: int,
+    *,
+    width: int = 760,
+    height: int = 280,
+    mark_text: str | None = None,
 ) -> str:
     """A line over model versions with the decision's version marked.
 
@@ -67,6 +73,7 @@ def performance_chart(
         points: ``{"first_version", "last_version", "labeled", "value"}`` bins, in order.
         metric: ``accuracy`` (plotted on 0..1) or an error measure (0..max).
         marked_version: the version to mark with a dashed line.
+        mark_text: the mark's label (default: "this decision (version V)").
     """
     if not points:
         return "<p>No labeled decisions are recorded yet, so there is no accuracy to show.</p>"
@@ -121,7 +128,7 @@ def performance_chart(
     offset = -6 if anchor == "end" else 6
     parts.append(
         f'<text x="{mx + offset:.1f}" y="{top + 14}" text-anchor="{anchor}" fill="{LOWERED}" font-size="13" '
-        f'font-weight="bold">this decision (version {marked_version})</text>'
+        f'font-weight="bold">{escape(mark_text or f"this decision (version {marked_version})")}</text>'
     )
     parts.append("</svg>")
     return "\n".join(parts)
