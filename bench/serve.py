@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,6 +32,7 @@ from learnledger.v1 import ledger_pb2 as pb  # noqa: E402
 from learnledger.v1 import ledger_pb2_grpc as pb_grpc  # noqa: E402
 
 N_FEATURES = 8
+MAX_LABELS = 400_000
 
 
 class EchoServicer(pb_grpc.LedgerServicer):
@@ -52,37 +55,88 @@ def run_echo_server() -> None:
 
 
 def spawn(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    """Start a server process and read its address from stdout."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    """Start a server process and read its address from stdout (its stderr goes to a temp file)."""
+    log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
     assert proc.stdout is not None
     for line in proc.stdout:
         match = re.search(r"listening on (\S+)", line)
         if match:
             return proc, match.group(1)
-    raise RuntimeError(f"{argv} did not start")
+    tail = Path(log.name).read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"{argv} did not start; its log ({log.name}) ends:\n{tail}")
 
 
-def closed_loop(call: Callable[[int], int], in_flight: int, seconds: float) -> dict[str, float]:
-    """``in_flight`` threads each calling back to back; returns calls/s, rows/s, p50, p99 (ms)."""
+class CpuMeter:
+    """CPU time (in cores) used by this client process and by the server processes."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def start(self) -> tuple[float, float, dict[str, float]]:
+        """A reading: wall clock, this process's CPU, every server's CPU."""
+        return time.perf_counter(), time.process_time(), {n: _cpu(p) for n, p in self.procs.items()}
+
+    def since(self, reading: tuple[float, float, dict[str, float]]) -> dict[str, float]:
+        """Cores used since ``reading``: ``client_cpu`` and ``<name>_cpu`` per server."""
+        wall, client, servers = reading
+        elapsed = time.perf_counter() - wall
+        out = {"client_cpu": (time.process_time() - client) / elapsed}
+        for name, proc in self.procs.items():
+            out[f"{name}_cpu"] = (_cpu(proc) - servers[name]) / elapsed
+        return out
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def closed_loop(start_call: Callable[[int], Any], count: Callable[[Any], int], in_flight: int,
+                seconds: float) -> dict[str, float]:
+    """``in_flight`` calls outstanding at all times for ``seconds``; calls/s, rows/s, p50, p99 (ms).
+
+    Each completion starts the next call from gRPC's callback, so the client spends no
+    thread per call in flight (64 blocking threads cost the client ~3x the CPU, taken
+    from the same two cores as the server).
+    """
     latencies: list[list[float]] = [[] for _ in range(in_flight)]
     rows = [0] * in_flight
+    errors: list[BaseException] = []
+    remaining = [in_flight]
+    lock = threading.Lock()
+    finished = threading.Event()
     stop = time.perf_counter() + seconds
 
-    def worker(k: int) -> None:
-        i = 0
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            rows[k] += call(k * 1_000_000 + i)
-            latencies[k].append(time.perf_counter() - t0)
-            i += 1
+    def launch(k: int, i: int) -> None:
+        t0 = time.perf_counter()
+        future = start_call(k * 1_000_000 + i)
+
+        def done(f: Any) -> None:
+            now = time.perf_counter()
+            try:
+                rows[k] += count(f.result())
+                latencies[k].append(now - t0)
+            except BaseException as exc:  # report, do not hang
+                errors.append(exc)
+                now = stop
+            if now < stop:
+                launch(k, i + 1)
+                return
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    finished.set()
+
+        future.add_done_callback(done)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(in_flight)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for k in range(in_flight):
+        launch(k, 0)
+    finished.wait()
     elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]!r}")
     flat = sorted(x for lat in latencies for x in lat)
     return {
         "rps": len(flat) / elapsed,
@@ -96,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repeat", type=int, default=1, help="run every configuration this many times")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -105,67 +160,92 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     serve, address = spawn([sys.executable, "-m", "server.cli", "serve", "--port", "0"], env)
     echo, echo_address = spawn([sys.executable, str(Path(__file__).resolve()), "--echo-server"], env)
+    meter = CpuMeter({"server": serve.pid, "echo": echo.pid})
     results: list[dict[str, Any]] = []
     try:
-        channel = grpc.insecure_channel(address)
-        stub = pb_grpc.LedgerStub(channel)
-        echo_stub = pb_grpc.LedgerStub(grpc.insecure_channel(echo_address))
+        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        stub = pb_grpc.LedgerStub(grpc.insecure_channel(address, options=options))
+        echo_stub = pb_grpc.LedgerStub(grpc.insecure_channel(echo_address, options=options))
         model = f"bench{int(time.time())}"
         stub.RegisterModel(pb.RegisterModelRequest(
             name=model, spec=pb.LearnerSpec(kind="logistic", n_features=N_FEATURES, batch_size=256)))
         features = [0.1 * i for i in range(N_FEATURES)]
 
-        def predict_on(s: pb_grpc.LedgerStub) -> Callable[[int], int]:
-            def call(i: int) -> int:
-                s.Predict(pb.PredictRequest(model=model, features=features, prediction_id=f"p-{time.time_ns()}-{i}"))
-                return 1
+        def predict_on(s: pb_grpc.LedgerStub) -> Callable[[int], Any]:
+            def call(i: int) -> Any:
+                return s.Predict.future(pb.PredictRequest(model=model, features=features,
+                                                          prediction_id=f"p-{time.time_ns()}-{i}"))
             return call
 
+        one = lambda _reply: 1  # noqa: E731
         for in_flight in (1, 8, 64):
-            echo_row = closed_loop(predict_on(echo_stub), in_flight, args.seconds)
-            row = closed_loop(predict_on(stub), in_flight, args.seconds)
-            results.append({"load": f"Predict x{in_flight}", **row, "echo_rps": echo_row["rps"],
-                            "ratio": row["rps"] / echo_row["rps"]})
+            for _ in range(args.repeat):
+                reading = meter.start()
+                echo_row = closed_loop(predict_on(echo_stub), one, in_flight, args.seconds)
+                echo_cpu = meter.since(reading)
+                reading = meter.start()
+                row = closed_loop(predict_on(stub), one, in_flight, args.seconds)
+                cpu = meter.since(reading)
+                results.append({"load": f"Predict x{in_flight}", **row, "echo_rps": echo_row["rps"],
+                                "ratio": row["rps"] / echo_row["rps"], "server_cpu": cpu["server_cpu"],
+                                "client_cpu": cpu["client_cpu"], "echo_cpu": echo_cpu["echo_cpu"],
+                                "echo_client_cpu": echo_cpu["client_cpu"], "loadavg": os.getloadavg()[0]})
 
-        batch_rows = [pb.PredictRow(features=features) for _ in range(256)]
+        batch = pb.PredictBatchRequest(model=model, rows=[pb.PredictRow(features=features) for _ in range(256)])
         made: list[str] = []
-        made_lock = threading.Lock()
 
-        def predict_batch(i: int) -> int:
-            reply = stub.PredictBatch(pb.PredictBatchRequest(model=model, rows=batch_rows))
-            if len(made) < 400_000:
-                with made_lock:
-                    made.extend(r.prediction_id for r in reply.results)
+        def predict_batch(i: int) -> Any:
+            return stub.PredictBatch.future(batch)
+
+        def keep_ids(reply: pb.PredictBatchResponse) -> int:
+            if len(made) < MAX_LABELS:
+                made.extend([r.prediction_id for r in reply.results])
             return len(reply.results)
 
         for in_flight in (1, 8):
-            results.append({"load": f"PredictBatch 256 x{in_flight}", **closed_loop(predict_batch, in_flight,
-                                                                                      args.seconds)})
+            for _ in range(args.repeat):
+                reading = meter.start()
+                row = closed_loop(predict_batch, keep_ids, in_flight, args.seconds)
+                cpu = meter.since(reading)
+                results.append({"load": f"PredictBatch 256 x{in_flight}", **row, "server_cpu": cpu["server_cpu"],
+                                "client_cpu": cpu["client_cpu"], "loadavg": os.getloadavg()[0]})
 
-        # FeedbackBatchStream: fixed work (every label once), timed as a whole.
+        # FeedbackBatchStream: fixed work (every label once), timed as a whole; the
+        # messages are built before the clock starts (the client must not starve the server).
         streams = 4
-        per_stream = min(len(made) // streams, 32_768)
-        spans: list[float] = []
+        per_round = min(len(made) // (streams * args.repeat), 32_768)
+        for r in range(args.repeat):
+            messages = []
+            for k in range(streams):
+                ids = made[(r * streams + k) * per_round : (r * streams + k + 1) * per_round]
+                messages.append([pb.FeedbackBatch(items=[pb.FeedbackRequest(prediction_id=p, label=float(j % 2))
+                                                         for j, p in enumerate(ids[m : m + 256])])
+                                 for m in range(0, len(ids), 256)])
+            spans: list[float] = []
+            summaries: list[pb.FeedbackSummary] = []
 
-        def feedback_stream(k: int) -> None:
-            ids = made[k * per_stream : (k + 1) * per_stream]
-            messages = (pb.FeedbackBatch(items=[pb.FeedbackRequest(prediction_id=p, label=float(j % 2))
-                                                for j, p in enumerate(ids[m : m + 256])])
-                        for m in range(0, len(ids), 256))
-            t0 = time.perf_counter()
-            stub.FeedbackBatchStream(messages)
-            spans.append(time.perf_counter() - t0)
+            def feedback_stream(batches: list[pb.FeedbackBatch], spans: list[float],
+                                summaries: list[pb.FeedbackSummary]) -> None:
+                t0 = time.perf_counter()
+                summaries.append(stub.FeedbackBatchStream(iter(batches)))
+                spans.append(time.perf_counter() - t0)
 
-        started = time.perf_counter()
-        workers = [threading.Thread(target=feedback_stream, args=(k,)) for k in range(streams)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-        elapsed = time.perf_counter() - started
-        results.append({"load": f"FeedbackBatchStream 256/msg x{streams}", "rps": streams / elapsed,
-                        "rows_per_s": streams * per_stream / elapsed, "p50_ms": 1000 * sorted(spans)[len(spans) // 2],
-                        "p99_ms": 1000 * max(spans)})
+            reading = meter.start()
+            workers = [threading.Thread(target=feedback_stream, args=(messages[k], spans, summaries))
+                       for k in range(streams)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            cpu = meter.since(reading)
+            elapsed = time.perf_counter() - reading[0]
+            accepted = sum(x.accepted + x.late for x in summaries)
+            if accepted != streams * per_round:
+                raise RuntimeError(f"{streams * per_round} labels sent, {accepted} accepted: {summaries}")
+            results.append({"load": f"FeedbackBatchStream 256/msg x{streams}", "rps": streams / elapsed,
+                            "rows_per_s": accepted / elapsed, "p50_ms": 1000 * sorted(spans)[len(spans) // 2],
+                            "p99_ms": 1000 * max(spans), "server_cpu": cpu["server_cpu"],
+                            "client_cpu": cpu["client_cpu"], "loadavg": os.getloadavg()[0]})
     finally:
         serve.terminate()
         serve.wait(60)
@@ -173,10 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"{'load':<32}{'calls/s':>10}{'rows/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'echo/s':>9}{'ratio':>7}")
+        print(f"{'load':<32}{'calls/s':>9}{'rows/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'echo/s':>8}{'ratio':>6}"
+              f"{'srv cpu':>8}{'cli cpu':>8}{'echo cpu':>9}{'e.cli':>6}{'load':>6}")
         for r in results:
-            print(f"{r['load']:<32}{r['rps']:>10.0f}{r['rows_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-                  f"{r.get('echo_rps', 0):>9.0f}{r.get('ratio', 0):>7.2f}")
+            print(f"{r['load']:<32}{r['rps']:>9.0f}{r['rows_per_s']:>9.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
+                  f"{r.get('echo_rps', 0):>8.0f}{r.get('ratio', 0):>6.2f}{r['server_cpu']:>8.2f}{r['client_cpu']:>8.2f}"
+                  f"{r.get('echo_cpu', 0):>9.2f}{r.get('echo_client_cpu', 0):>6.2f}{r['loadavg']:>6.1f}")
     return 0
 
 

@@ -65,6 +65,14 @@ class LabelOutcome:
     event: Prediction.Labeled | None
 
 
+def _outcome(prediction_id: UUID, status: LabelStatus, event: Prediction.Labeled | None) -> LabelOutcome:
+    # Equal to LabelOutcome(...) field for field, without the frozen dataclass's __init__
+    # (one object.__setattr__ per field: ~1 µs, a sixth of prepare_labels per label).
+    outcome = object.__new__(LabelOutcome)
+    outcome.__dict__.update(prediction_id=prediction_id, status=status, event=event)
+    return outcome
+
+
 class _Facts(NamedTuple):
     """What label validation needs to know about a logged prediction."""
 
@@ -263,7 +271,7 @@ class Ledger(Application):
             if earlier is not None:
                 if earlier != label:
                     raise ConflictingLabelError(f"prediction {pid} was labeled {earlier:g} already; refusing {label:g}")
-                outcomes.append(LabelOutcome(pid, LabelStatus.DUPLICATE, None))
+                outcomes.append(_outcome(pid, LabelStatus.DUPLICATE, None))
                 continue
             seen[pid] = label
             in_window = not fact.defaulted and request.event_time - fact.made_at <= window
@@ -278,7 +286,7 @@ class Ledger(Application):
                 timestamp=received_at,
                 version=3 if fact.defaulted else 2,
             )
-            outcomes.append(LabelOutcome(pid, LabelStatus.ACCEPTED if in_window else LabelStatus.LATE, event))
+            outcomes.append(_outcome(pid, LabelStatus.ACCEPTED if in_window else LabelStatus.LATE, event))
         return outcomes
 
     def _prediction_facts(self, prediction_ids: Iterable[UUID]) -> dict[UUID, _Facts]:

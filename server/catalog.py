@@ -6,10 +6,16 @@ import threading
 from dataclasses import dataclass
 from uuid import UUID
 
+import numpy as np
+
 from domain.model import Model
 from domain.spec import LearnerSpec
 from projections.learners import Learner, LearnerState, make_learner
 from server.services import LedgerService
+
+# Unary predictions committed together are scored together, in blocks of exactly this
+# many rows (zero-padded): one compiled shape, whatever the size of the transaction.
+SCORE_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,14 @@ class ModelCatalog:
         return self.publish(served)
 
     def publish(self, served: ServedModel) -> ServedModel:
-        """Serve ``served`` unless a newer version is served already; returns the winner."""
+        """Serve ``served`` unless a newer version is served already; returns the winner.
+
+        A model's first head in this process also compiles the block scorer, so that the
+        first unary predictions do not wait behind an XLA compile on the writer thread
+        (measured: a 0.3–0.7 s stall of every in-flight call).
+        """
+        if served.name not in self._by_name:
+            served.learner.predict_proba(served.state, np.zeros((SCORE_BLOCK, served.spec.n_features)))
         with self.changed:
             current = self._by_name.get(served.name)
             if current is not None and current.version > served.version:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from domain.errors import InvalidArgumentError, LedgerError
@@ -87,7 +88,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         rows = request.rows
         out = self.serving.predict_rows(request.model, [r.features for r in rows], [r.prediction_id for r in rows],
                                         current_caller().name)
-        return predict_batch_response(out)
+        # Bytes: the server registers PredictBatch with a pass-through serializer.
+        return predict_batch_bytes(out)
 
     # --- feedback ------------------------------------------------------------------------------
 
@@ -241,6 +243,46 @@ def model_info(model: Model) -> pb.ModelInfo:
     )
 
 
+def predict_batch_bytes(out: Predictions) -> bytes:
+    """``predict_batch_response(out).SerializeToString()``, encoded with numpy (~10x faster).
+
+    Every row has the same layout when the rows share one model version and digest
+    (always, unless an idempotent retry returned older predictions: then the message
+    path is used). Fields are written even when zero, which every protobuf parser
+    accepts; the parsed message equals ``predict_batch_response(out)`` (tested).
+    """
+    version, digest = out.model_version, out.params_digest
+    if isinstance(version, list) or isinstance(digest, list):
+        return predict_batch_response(out).SerializeToString()
+    n = len(out.ids)
+    digest_bytes = digest.encode()
+    tail = b"\x18" + _varint(version) + b"\x22" + _varint(len(digest_bytes)) + digest_bytes + b"\x29"
+    head = b"\x0a" + _varint(2 + 36 + 9 + len(tail) + 8) + b"\x0a\x24"  # results[i] { prediction_id (36)
+    rows = np.empty(n, np.dtype([("head", f"S{len(head)}"), ("pid", "u1", (36,)), ("score_tag", "S1"),
+                                 ("score", "<f8"), ("tail", f"S{len(tail)}"), ("decision", "<f8")]))
+    rows["head"], rows["score_tag"], rows["tail"] = head, b"\x11", tail
+    rows["score"], rows["decision"] = out.scores, out.decisions
+    hexes = np.frombuffer("".join([f"{pid.int:032x}" for pid in out.ids]).encode(), np.uint8).reshape(n, 32)
+    pid = rows["pid"]
+    start = 0
+    for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32)):  # 8-4-4-4-12 with dashes between
+        pid[:, start : start + b - a] = hexes[:, a:b]
+        if b < 32:
+            pid[:, start + b - a] = ord("-")
+        start += b - a + 1
+    rows["pid"] = pid
+    return rows.tobytes()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def predict_batch_response(out: Predictions) -> pb.PredictBatchResponse:
     """The message form of committed predictions (one result per row, in order)."""
     reply = pb.PredictBatchResponse()
@@ -266,8 +308,14 @@ def label_request(message: pb.FeedbackRequest, actor: str, now: datetime) -> Lab
     """
     if not message.prediction_id:
         raise InvalidArgumentError("feedback needs the prediction_id the prediction replied with")
+    key = message.prediction_id
     event_time = message.event_time.ToDatetime(tzinfo=UTC) if message.HasField("event_time") else now
-    return LabelRequest(prediction_id_for(message.prediction_id), message.label, message.source, event_time, actor)
+    # Built like the domain builds its events (no frozen-dataclass __init__: ~1 µs a
+    # label on the FeedbackStream path); equal to LabelRequest(...) field for field.
+    request = object.__new__(LabelRequest)
+    request.__dict__.update(prediction_id=prediction_id_for(key), label=message.label, source=message.source,
+                            event_time=event_time, actor=actor)
+    return request
 
 
 def feedback_summary(tally: FeedbackTally) -> pb.FeedbackSummary:

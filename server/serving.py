@@ -27,7 +27,7 @@ from domain.ledger import LabelOutcome, LabelRequest, LabelStatus
 from domain.prediction import Prediction, check_same_prediction, make_prediction_event
 from domain.validation import require_features
 from projections.learners import decide_rows
-from server.catalog import ModelCatalog, ServedModel
+from server.catalog import SCORE_BLOCK, ModelCatalog, ServedModel
 from server.errors import ResourceExhaustedError, status_for
 from server.services import LedgerService
 from server.writer import GroupCommitWriter, Submission, Ticket
@@ -39,8 +39,9 @@ RETRIES_ON_CONFLICT = 3
 # Calls with at most this many rows (and no idempotency keys) are scored on the writer
 # thread, many calls per predict_proba; larger ones are scored by their own thread.
 DEFERRED_MAX_ROWS = 16
-# Per generation (two are kept): ~100 bytes an entry.
-RECENT_PREDICTIONS = 131_072
+# Per generation (two are kept, so 262k–524k recent predictions): ~130 bytes an entry,
+# i.e. at most ~70 MB. Labels for older predictions are validated from the log.
+RECENT_PREDICTIONS = 262_144
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ class ServingService:
         if n <= DEFERRED_MAX_ROWS and (not keyed or len(set(pids)) == n):
             job = _PredictJob(served, model_name, rows, pids, actor, now)
             try:
-                self.writer.submit_job(job, n).result()
+                self.writer.submit_job(job, n, contended=bool(keyed)).result()
             except ConcurrencyError:
                 # An idempotency key was used before: find out whether it is a retry.
                 if not keyed or job.predictions is None:
@@ -222,8 +223,7 @@ class ServingService:
             served = jobs[0].served
             rows = [f for job in jobs for f in job.features]
             try:
-                proba = served.learner.predict_proba(served.state, np.asarray(rows, dtype=np.float64))
-                scores, decisions = decide_rows(served.spec, proba)
+                scores, decisions = decide_rows(served.spec, _score_blocks(served, rows))
             except Exception as exc:
                 for sub in subs:
                     sub.future.set_exception(exc)
@@ -258,7 +258,7 @@ class ServingService:
         for _ in range(RETRIES_ON_CONFLICT):
             if not conflicted:
                 try:
-                    self.writer.submit(events, rows).result()
+                    self.writer.submit(events, rows, contended=bool(keyed)).result()
                     return
                 except ConcurrencyError:
                     if not keyed:
@@ -299,7 +299,7 @@ class ServingService:
         for _ in range(RETRIES_ON_CONFLICT):
             outcomes = self._prepare_labels(requests, datetime.now(UTC), use_index=use_index)
             try:
-                self.writer.commit([o.event for o in outcomes if o.event is not None])
+                self.writer.submit([o.event for o in outcomes if o.event is not None], contended=True).result()
             except ConcurrencyError:
                 # A racing label for the same prediction committed first: validating
                 # again, from the log, turns an identical one into DUPLICATE and a
@@ -333,6 +333,9 @@ class ServingService:
             outcomes, good = self._prepare_chunk(good, tally)
             events = [o.event for o in outcomes if o.event is not None]
             # Encoded here, while the writer commits the previous chunks.
+            # Not marked contended: a stream's chunks rarely race, and the writer's check
+            # costs more than the rare bisection it saves (a conflict is still caught by
+            # the primary key, and _settle re-validates the chunk label by label).
             future = self.writer.submit(events, self.writer.encode(events))
             pending.append((good, outcomes, future))
             while len(pending) >= in_flight:
@@ -420,7 +423,7 @@ class RecentPredictions:
     """Recently committed, not yet labeled predictions of this server: label checks without a read.
 
     Filled by a writer listener after each commit, so an entry always names a committed
-    prediction. A committed label removes its entry (the log then decides, and says
+    prediction. A committed label (or default label) removes its entry (the log then decides, and says
     DUPLICATE or ALREADY_EXISTS); a label another process committed is caught by the
     primary key at commit, after which the caller re-validates from the log. Bounded:
     two generations of ``size`` entries, the older dropped whole.
@@ -428,19 +431,21 @@ class RecentPredictions:
 
     def __init__(self, size: int = RECENT_PREDICTIONS):
         self.size = size
-        self._young: dict[UUID, _MadeFacts] = {}
-        self._old: dict[UUID, _MadeFacts] = {}
+        self._young: dict[int, _MadeFacts] = {}
+        self._old: dict[int, _MadeFacts] = {}
 
     def on_commit(self, events: Sequence[Any], _ids: Sequence[int]) -> None:
         """Writer listener (writer thread)."""
-        young = self._young
+        young, old = self._young, self._old
+        made = Prediction.Made
+        # Keyed by the id's 128-bit int: UUID.__hash__ is Python code, int hashing is not.
         for event in events:
-            kind = type(event)
-            if kind is Prediction.Made:
-                young[event.originator_id] = _MadeFacts(event.model_id, event.timestamp)
-            elif kind is Prediction.Labeled:
-                young.pop(event.originator_id, None)
-                self._old.pop(event.originator_id, None)
+            if type(event) is made:
+                young[event.originator_id.int] = _MadeFacts(event.model_id, event.timestamp)
+            else:  # a label, a default label (or a model event: not in here anyway)
+                key = event.originator_id.int
+                young.pop(key, None)
+                old.pop(key, None)
         if len(young) >= self.size:
             self._old, self._young = young, {}
 
@@ -449,7 +454,8 @@ class RecentPredictions:
         young, old = self._young, self._old
         out: dict[UUID, Any] = {}
         for pid in prediction_ids:
-            found = young.get(pid) or old.get(pid)
+            key = pid.int
+            found = young.get(key) or old.get(key)
             if found is not None:
                 out[pid] = found
         return out
@@ -457,8 +463,8 @@ class RecentPredictions:
     def forget(self, prediction_ids: Iterable[UUID]) -> None:
         """Drop entries (after a conflict: the log knows better)."""
         for pid in prediction_ids:
-            self._young.pop(pid, None)
-            self._old.pop(pid, None)
+            self._young.pop(pid.int, None)
+            self._old.pop(pid.int, None)
 
 
 def _checked_rows(features: Sequence[Sequence[float]], n_features: int, model_name: str) -> list[tuple[float, ...]]:
@@ -480,6 +486,18 @@ def _checked_rows(features: Sequence[Sequence[float]], n_features: int, model_na
     for r in features:  # rare path: the domain's own check raises the precise error
         require_features(r, n_features, model_name)
     raise InvalidArgumentError("features must be finite numbers")
+
+
+def _score_blocks(served: ServedModel, rows: list[tuple[float, ...]]) -> np.ndarray:
+    """``predict_proba`` of ``rows`` in zero-padded blocks of ``SCORE_BLOCK`` rows (one compiled shape)."""
+    n = len(rows)
+    out = []
+    for start in range(0, n, SCORE_BLOCK):
+        part = rows[start : start + SCORE_BLOCK]
+        block = np.zeros((SCORE_BLOCK, served.spec.n_features), dtype=np.float64)
+        block[: len(part)] = part
+        out.append(served.learner.predict_proba(served.state, block)[: len(part)])
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def _build_predictions(

@@ -95,12 +95,19 @@ class Submission:
     them). A submission with a ``job`` has no events yet: the writer's ``builder``
     turns the jobs of one transaction into events and rows together, just before the
     COPY; ``size`` is then the number of events the job will make.
+
+    ``contended``: the events' stream positions may be wanted by other submissions
+    too (labels, predictions with idempotency keys). The writer then keeps two of
+    them out of one transaction, and fails one whose position the previous
+    transaction took without asking the database: a primary-key violation costs a
+    rolled-back COPY per bisection step and burns notification ids.
     """
 
     events: list[Any]
     rows: list[Row] | None = None
     job: Any = None
     size: int = 0
+    contended: bool = False
     future: Ticket = field(default_factory=Ticket)
 
 
@@ -140,6 +147,7 @@ class GroupCommitWriter:
         self._cond = threading.Condition()
         self._closing = False
         self._listeners: list[CommitListener] = []
+        self._last_keys: set[tuple[Any, int]] = set()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def add_listener(self, listener: CommitListener) -> None:
@@ -167,23 +175,24 @@ class GroupCommitWriter:
             return None
         return [to_row(e) for e in events]
 
-    def submit(self, events: Sequence[Any], rows: list[Row] | None = None) -> Ticket:
+    def submit(self, events: Sequence[Any], rows: list[Row] | None = None, *, contended: bool = False) -> Ticket:
         """Queue events to commit together; the future resolves to their notification ids.
 
         Args:
             events: the events, in order.
             rows: ``encode(events)``, if the caller encoded them already.
+            contended: other submissions may race for the same stream positions.
 
         Raises:
             WriterClosedError: the writer is closing.
         """
-        submission = Submission(list(events), rows, size=len(events))
+        submission = Submission(list(events), rows, size=len(events), contended=contended)
         if not submission.events:
             submission.future.set_result([])
             return submission.future
         return self._enqueue(submission)
 
-    def submit_job(self, job: Any, size: int) -> Ticket:
+    def submit_job(self, job: Any, size: int, *, contended: bool = False) -> Ticket:
         """Queue a job the ``builder`` turns into ``size`` events on the writer thread.
 
         Raises:
@@ -191,7 +200,7 @@ class GroupCommitWriter:
         """
         if self.builder is None:
             raise RuntimeError("submit_job needs a builder")
-        return self._enqueue(Submission([], job=job, size=size))
+        return self._enqueue(Submission([], job=job, size=size, contended=contended))
 
     def _enqueue(self, submission: Submission) -> Ticket:
         with self._cond:
@@ -250,7 +259,8 @@ class GroupCommitWriter:
             except Exception as exc:
                 log.exception("building %d jobs failed", len(jobs))
                 for s in jobs:
-                    _resolve(s.future, exc)
+                    if not s.future.done():
+                        _resolve(s.future, exc)
         kept = []
         for s in batch:
             if s.future.done() and not s.future.cancelled():
@@ -266,6 +276,28 @@ class GroupCommitWriter:
                     _resolve(s.future, exc)
                     continue
             kept.append(s)
+        return self._separate(kept) if any(s.contended for s in kept) else kept
+
+    def _separate(self, batch: list[Submission]) -> list[Submission]:
+        # Two contended submissions for one stream position: the later one waits for the
+        # next transaction (where it fails fast below, and its caller re-validates).
+        seen: set[tuple[Any, int]] = set()
+        kept: list[Submission] = []
+        later: list[Submission] = []
+        for s in batch:
+            if s.contended:
+                keys = [(e.originator_id.int, e.originator_version) for e in s.events]
+                if not self._last_keys.isdisjoint(keys):
+                    _resolve(s.future, ConcurrencyError("a stream position was taken by the previous transaction"))
+                    continue
+                if not seen.isdisjoint(keys):
+                    later.append(s)
+                    continue
+                seen.update(keys)
+            kept.append(s)
+        if later:
+            with self._cond:
+                self._queue.extendleft(reversed(later))
         return kept
 
     def _record(self, batch: list[Submission], events: list[Any]) -> list[int]:
@@ -301,6 +333,8 @@ class GroupCommitWriter:
             for submission in batch:
                 _resolve(submission.future, exc)
             return
+        # UUID.__hash__ is Python code; the 128-bit int hashes in C.
+        self._last_keys = {(e.originator_id.int, e.originator_version) for s in batch if s.contended for e in s.events}
         self.stats.transactions += 1
         self.stats.events += len(events)
         self.stats.submissions += len(batch)
