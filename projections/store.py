@@ -179,6 +179,21 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 for row in curs.fetchall()
             ]
 
+    def select_states(self, originator_ids: Sequence[UUID], originator_version: int) -> dict[UUID, bytes]:
+        """The encoded state of one version of many aggregates, in one query.
+
+        Learners need one field of each ``Prediction.Made`` (the features as used);
+        reading just those rows and that field is ~10x cheaper than rebuilding each
+        prediction aggregate from all its events.
+        """
+        statement = SQL(
+            "SELECT originator_id, state FROM {schema}.{table} "
+            "WHERE originator_id = ANY(%s) AND originator_version = %s"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (list(originator_ids), originator_version))
+            return {row["originator_id"]: bytes(row["state"]) for row in curs.fetchall()}
+
     def select_notification_id(self, originator_id: UUID, originator_version: int) -> int | None:
         """The log position of one event, if it was recorded."""
         statement = SQL(

@@ -22,10 +22,10 @@ from typing import Any
 from uuid import UUID
 
 from domain.errors import LedgerError
-from domain.model import Model
 from domain.prediction import Prediction
 from projections.learning import LabeledExample, ModelLearner
 from server.catalog import ModelCatalog, ServedModel
+from server.learning_steps import drain, save_snapshots
 from server.log_reader import labeled_position, labels_after
 from server.services import LedgerService
 from server.writer import GroupCommitWriter
@@ -57,7 +57,8 @@ class LearnerLoop:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Features of recently committed predictions: labels usually follow soon, and
         # this saves the read of the Made event they need (features as used).
-        self._features: OrderedDict[UUID, tuple[float, ...]] = OrderedDict()
+        # Keyed by the id's 128-bit int (UUID.__hash__ is Python code; this runs per event).
+        self._features: OrderedDict[int, tuple[float, ...]] = OrderedDict()
         self._features_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="learner-loop", daemon=True)
         self.steps_committed = 0
@@ -106,7 +107,7 @@ class LearnerLoop:
         with self._features_lock:
             for event in events:
                 if isinstance(event, Prediction.Made):
-                    self._features[event.originator_id] = event.features
+                    self._features[event.originator_id.int] = event.features
                 elif isinstance(event, Prediction.Labeled) and event.in_window:
                     labels.append(event)
             while len(self._features) > FEATURE_CACHE_SIZE:
@@ -161,21 +162,21 @@ class LearnerLoop:
             item.done.set_exception(exc)
 
     def _add_labels(self, labels: Sequence[Prediction.Labeled]) -> list[UUID]:
-        missing = []
         with self._features_lock:
-            features = {e.originator_id: self._features.pop(e.originator_id, None) for e in labels}
-        missing = [pid for pid, f in features.items() if f is None]
+            pop = self._features.pop
+            features = {e.originator_id.int: pop(e.originator_id.int, None) for e in labels}
+        missing = [e.originator_id for e in labels if features[e.originator_id.int] is None]
         if missing:
             for pid, prediction in self.ledger.get_predictions(missing).items():
-                features[pid] = tuple(prediction.features)
+                features[pid.int] = tuple(prediction.features)
         touched: dict[UUID, None] = {}
         for event in labels:
             learner = self.learners.get(event.model_id) or self._load(event.model_id)
-            found = features.get(event.originator_id)
+            found = features.get(event.originator_id.int)
             if found is None:  # cannot happen for a committed label; never learn a guess
                 log.error("no features for labeled prediction %s; not learned", event.originator_id)
                 continue
-            learner.add(LabeledExample(event.originator_id, found, event.label))
+            learner.add(_example(event.originator_id, found, event.label))
             touched[event.model_id] = None
         return list(touched)
 
@@ -185,14 +186,8 @@ class LearnerLoop:
             return
         saved = list(learner.buffer)
         events: list[Any] = []
-        snapshots: list[tuple[int, Any, str]] = []
         try:
-            while learner.ready():
-                for event in learner.step():
-                    events.append(event)
-                    version = event.originator_version
-                    if isinstance(event, Model.UpdateApplied) and version % self.service.snapshot_interval == 0:
-                        snapshots.append((version, learner.state, learner.digest))
+            events, snapshots = drain(learner, self.service.snapshot_interval)
             self.writer.commit(events)
         except Exception as exc:
             # A rollback or pause committed first (ConcurrencyError), or the database is
@@ -204,12 +199,7 @@ class LearnerLoop:
             return
         self.steps_committed += len(events)
         self._publish(learner)
-        store = self.service.store
-        if store is not None:
-            from projections.digest import state_to_bytes
-
-            for version, state, digest in snapshots:
-                store.put_snapshot(model_id, version, digest, state_to_bytes(state))
+        save_snapshots(self.service.store, model_id, snapshots)
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -239,3 +229,11 @@ class LearnerLoop:
         self.catalog.publish(
             ServedModel(model.id, model.name, model.spec, learner.version, learner.digest, learner.state, model.paused)
         )
+
+
+def _example(prediction_id: UUID, features: tuple[float, ...], label: float) -> LabeledExample:
+    # Equal to LabeledExample(...) field for field, without the frozen dataclass's
+    # __init__ (one object.__setattr__ per field: ~10% of this loop at 15k labels/s).
+    example = object.__new__(LabeledExample)
+    example.__dict__.update(prediction_id=prediction_id, features=features, label=label, received=0.0)
+    return example

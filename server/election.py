@@ -1,0 +1,91 @@
+"""Leader election for learners: one PostgreSQL session advisory lock per model.
+
+The lock lives as long as the session that took it, so a learner that dies (even by
+SIGKILL) releases it the moment the server notices its connection closed, and a waiting
+learner takes over. Optimistic concurrency on the ``Model`` stream still guards every
+commit: the lock prevents wasted work and interleaved batches, never a lost update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from domain.ledger import Ledger
+from server.log_follower import connect_like
+
+log = logging.getLogger(__name__)
+
+# Kill the session's backend quickly when its client vanishes without a FIN (power
+# loss, network partition): otherwise the lock could outlive its holder by hours.
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+
+
+def lock_key(schema: str, model_id: UUID) -> int:
+    """The advisory lock key of a model: 64 bits of a hash of schema and model id.
+
+    Advisory locks are per database, not per schema, and model ids are uuid5 of the
+    name, so the schema is part of the key: two ledgers in one database never contend.
+    """
+    digest = hashlib.blake2b(f"learnledger-learner:{schema}:{model_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class ModelLock:
+    """A session advisory lock on a dedicated connection, held until ``release`` or death."""
+
+    def __init__(self, ledger: Ledger, model_id: UUID):
+        recorder: Any = ledger.recorder
+        self.ledger = ledger
+        self.model_id = model_id
+        self.key = lock_key(recorder.datastore.schema, model_id)
+        self._conn: psycopg.Connection[Any] | None = None
+        self.held = False
+
+    def try_acquire(self) -> bool:
+        """Take the lock if free; True if this session holds it (now or already)."""
+        if self.held and self.alive():
+            return True
+        self.held = False
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect_like(self.ledger, **KEEPALIVE)
+            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        except psycopg.Error as exc:
+            log.warning("advisory lock attempt for model %s failed: %s", self.model_id, exc)
+            self._close()
+            return False
+        self.held = bool(row and row[0])
+        return self.held
+
+    def alive(self) -> bool:
+        """Whether the session holding the lock is still there (a cheap round trip).
+
+        If the connection broke, the server released the lock: another learner may be
+        leading already, so the caller must stop learning.
+        """
+        if self._conn is None or self._conn.closed:
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self._close()
+            self.held = False
+            return False
+        return True
+
+    def release(self) -> None:
+        """Give the lock up (closing the session releases it too)."""
+        self.held = False
+        self._close()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
