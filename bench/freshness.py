@@ -69,12 +69,19 @@ def main() -> int:
         conn.execute(f"DROP SCHEMA IF EXISTS {args.schema} CASCADE")
         conn.execute(f"CREATE SCHEMA {args.schema}")
     rt = build(Settings(schema=args.schema), Database(url, env_for_url(url, schema=args.schema), False))
-    spec = LearnerSpec(kind="logistic", n_features=8, batch_size=args.batch_size, learning_rate=0.05,
-                       max_batch_wait_s=args.max_wait)
+    spec = LearnerSpec(
+        kind="logistic", n_features=8, batch_size=args.batch_size, learning_rate=0.05, max_batch_wait_s=args.max_wait
+    )
     model = rt.service.register_model("fresh", spec, "bench")
     env = dict(os.environ, LEARNLEDGER_DATABASE_URL=url, LEARNLEDGER_SCHEMA=args.schema, PYTHONUNBUFFERED="1")
-    learner = subprocess.Popen([sys.executable, "-m", "server.cli", "learn", "--json", "--sweep-interval", "0"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    learner = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "learn", "--json", "--sweep-interval", "0"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         _wait_leading(learner)
         result = _run(rt, model, spec, args)
@@ -127,18 +134,39 @@ def _run(rt: Any, model: Model, spec: LearnerSpec, args: argparse.Namespace) -> 
         k += 1
         now = datetime.now(UTC)
         made = [
-            make_prediction_event(uuid.uuid4(), model_id=model.id, model_name=model.name, model_version=1, spec=spec,
-                                  features=rng.normal(size=spec.n_features).tolist(), score=0.5, decision=0.0,
-                                  params_digest="-", routing="champion", actor="bench", timestamp=now)
+            make_prediction_event(
+                uuid.uuid4(),
+                model_id=model.id,
+                model_name=model.name,
+                model_version=1,
+                spec=spec,
+                features=rng.normal(size=spec.n_features).tolist(),
+                score=0.5,
+                decision=0.0,
+                params_digest="-",
+                routing="champion",
+                actor="bench",
+                timestamp=now,
+            )
             for _ in range(per_tick)
         ]
         # Labels for the previous tick's predictions (committed already), in this tick's
         # transaction. Built as ``Ledger.prepare_labels`` builds them (in window: they
         # are a tick old), without its validation reads: the driver shares two cores
         # with PostgreSQL and the learner, and must not be what limits the rate.
-        labels = [make_label_event(e.originator_id, model_id=model.id, label=float(i % 2), source="bench",
-                                   event_time=now, in_window=True, actor="bench", timestamp=now)
-                  for i, e in enumerate(pending)]
+        labels = [
+            make_label_event(
+                e.originator_id,
+                model_id=model.id,
+                label=float(i % 2),
+                source="bench",
+                event_time=now,
+                in_window=True,
+                actor="bench",
+                timestamp=now,
+            )
+            for i, e in enumerate(pending)
+        ]
         rt.ledger.record([*made, *labels])
         done = time.monotonic()
         for event in labels:
@@ -169,16 +197,19 @@ def _run(rt: Any, model: Model, spec: LearnerSpec, args: argparse.Namespace) -> 
 
 def _report(r: dict[str, Any], args: argparse.Namespace) -> str:
     target = "met" if r["p50_ms"] is not None and r["p50_ms"] < 1000 else "**not met**"
-    return "\n".join([
-        f"`python bench/freshness.py --rate {args.rate} --seconds {args.seconds:g}` "
-        f"({datetime.now(UTC):%Y-%m-%d}, `learnledger learn` as its own process, same 2-core machine as PostgreSQL)",
-        "",
-        "| offered labels/s | labels | learned | batch | max wait s | updates | p50 ms | p99 ms | max ms "
-        "| target p50 < 1 s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| {r['offered_labels_per_s']} | {r['labels']} | {r['learned']} | {r['batch_size']} | "
-        f"{r['max_batch_wait_s']:g} | {r['updates']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {target} |",
-    ])
+    return "\n".join(
+        [
+            f"`python bench/freshness.py --rate {args.rate} --seconds {args.seconds:g}` "
+            f"({datetime.now(UTC):%Y-%m-%d}, `learnledger learn` as its own process, "
+            "same 2-core machine as PostgreSQL)",
+            "",
+            "| offered labels/s | labels | learned | batch | max wait s | updates | p50 ms | p99 ms | max ms "
+            "| target p50 < 1 s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"| {r['offered_labels_per_s']} | {r['labels']} | {r['learned']} | {r['batch_size']} | "
+            f"{r['max_batch_wait_s']:g} | {r['updates']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {target} |",
+        ]
+    )
 
 
 def _write_readme(text: str) -> None:
@@ -188,8 +219,7 @@ def _write_readme(text: str) -> None:
         content = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S)
     else:
         content = content.rstrip("\n") + (
-            "\n\n## `bench/freshness.py` — label commit to the commit of the update that learned it\n\n"
-            f"{block}\n"
+            f"\n\n## `bench/freshness.py` — label commit to the commit of the update that learned it\n\n{block}\n"
         )
     README.write_text(content)
 

@@ -40,8 +40,9 @@ class EchoServicer(pb_grpc.LedgerServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         """Echo."""
-        return pb.PredictResponse(prediction_id=request.prediction_id, score=0.5, model_version=1,
-                                  params_digest="sha256:echo")
+        return pb.PredictResponse(
+            prediction_id=request.prediction_id, score=0.5, model_version=1, params_digest="sha256:echo"
+        )
 
 
 def run_echo_server() -> None:
@@ -92,8 +93,9 @@ def _cpu(proc: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def closed_loop(start_call: Callable[[int], Any], count: Callable[[Any], int], in_flight: int,
-                seconds: float) -> dict[str, float]:
+def closed_loop(
+    start_call: Callable[[int], Any], count: Callable[[Any], int], in_flight: int, seconds: float
+) -> dict[str, float]:
     """``in_flight`` calls outstanding at all times for ``seconds``; calls/s, rows/s, p50, p99 (ms).
 
     Each completion starts the next call from gRPC's callback, so the client spends no
@@ -167,14 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         stub = pb_grpc.LedgerStub(grpc.insecure_channel(address, options=options))
         echo_stub = pb_grpc.LedgerStub(grpc.insecure_channel(echo_address, options=options))
         model = f"bench{int(time.time())}"
-        stub.RegisterModel(pb.RegisterModelRequest(
-            name=model, spec=pb.LearnerSpec(kind="logistic", n_features=N_FEATURES, batch_size=256)))
+        stub.RegisterModel(
+            pb.RegisterModelRequest(
+                name=model, spec=pb.LearnerSpec(kind="logistic", n_features=N_FEATURES, batch_size=256)
+            )
+        )
         features = [0.1 * i for i in range(N_FEATURES)]
 
         def predict_on(s: pb_grpc.LedgerStub) -> Callable[[int], Any]:
             def call(i: int) -> Any:
-                return s.Predict.future(pb.PredictRequest(model=model, features=features,
-                                                          prediction_id=f"p-{time.time_ns()}-{i}"))
+                return s.Predict.future(
+                    pb.PredictRequest(model=model, features=features, prediction_id=f"p-{time.time_ns()}-{i}")
+                )
+
             return call
 
         one = lambda _reply: 1  # noqa: E731
@@ -186,10 +193,19 @@ def main(argv: list[str] | None = None) -> int:
                 reading = meter.start()
                 row = closed_loop(predict_on(stub), one, in_flight, args.seconds)
                 cpu = meter.since(reading)
-                results.append({"load": f"Predict x{in_flight}", **row, "echo_rps": echo_row["rps"],
-                                "ratio": row["rps"] / echo_row["rps"], "server_cpu": cpu["server_cpu"],
-                                "client_cpu": cpu["client_cpu"], "echo_cpu": echo_cpu["echo_cpu"],
-                                "echo_client_cpu": echo_cpu["client_cpu"], "loadavg": os.getloadavg()[0]})
+                results.append(
+                    {
+                        "load": f"Predict x{in_flight}",
+                        **row,
+                        "echo_rps": echo_row["rps"],
+                        "ratio": row["rps"] / echo_row["rps"],
+                        "server_cpu": cpu["server_cpu"],
+                        "client_cpu": cpu["client_cpu"],
+                        "echo_cpu": echo_cpu["echo_cpu"],
+                        "echo_client_cpu": echo_cpu["client_cpu"],
+                        "loadavg": os.getloadavg()[0],
+                    }
+                )
 
         batch = pb.PredictBatchRequest(model=model, rows=[pb.PredictRow(features=features) for _ in range(256)])
         made: list[str] = []
@@ -207,8 +223,15 @@ def main(argv: list[str] | None = None) -> int:
                 reading = meter.start()
                 row = closed_loop(predict_batch, keep_ids, in_flight, args.seconds)
                 cpu = meter.since(reading)
-                results.append({"load": f"PredictBatch 256 x{in_flight}", **row, "server_cpu": cpu["server_cpu"],
-                                "client_cpu": cpu["client_cpu"], "loadavg": os.getloadavg()[0]})
+                results.append(
+                    {
+                        "load": f"PredictBatch 256 x{in_flight}",
+                        **row,
+                        "server_cpu": cpu["server_cpu"],
+                        "client_cpu": cpu["client_cpu"],
+                        "loadavg": os.getloadavg()[0],
+                    }
+                )
 
         # FeedbackBatchStream: fixed work (every label once), timed as a whole; the
         # messages are built before the clock starts (the client must not starve the server).
@@ -218,21 +241,31 @@ def main(argv: list[str] | None = None) -> int:
             messages = []
             for k in range(streams):
                 ids = made[(r * streams + k) * per_round : (r * streams + k + 1) * per_round]
-                messages.append([pb.FeedbackBatch(items=[pb.FeedbackRequest(prediction_id=p, label=float(j % 2))
-                                                         for j, p in enumerate(ids[m : m + 256])])
-                                 for m in range(0, len(ids), 256)])
+                messages.append(
+                    [
+                        pb.FeedbackBatch(
+                            items=[
+                                pb.FeedbackRequest(prediction_id=p, label=float(j % 2))
+                                for j, p in enumerate(ids[m : m + 256])
+                            ]
+                        )
+                        for m in range(0, len(ids), 256)
+                    ]
+                )
             spans: list[float] = []
             summaries: list[pb.FeedbackSummary] = []
 
-            def feedback_stream(batches: list[pb.FeedbackBatch], spans: list[float],
-                                summaries: list[pb.FeedbackSummary]) -> None:
+            def feedback_stream(
+                batches: list[pb.FeedbackBatch], spans: list[float], summaries: list[pb.FeedbackSummary]
+            ) -> None:
                 t0 = time.perf_counter()
                 summaries.append(stub.FeedbackBatchStream(iter(batches)))
                 spans.append(time.perf_counter() - t0)
 
             reading = meter.start()
-            workers = [threading.Thread(target=feedback_stream, args=(messages[k], spans, summaries))
-                       for k in range(streams)]
+            workers = [
+                threading.Thread(target=feedback_stream, args=(messages[k], spans, summaries)) for k in range(streams)
+            ]
             for t in workers:
                 t.start()
             for t in workers:
@@ -242,10 +275,18 @@ def main(argv: list[str] | None = None) -> int:
             accepted = sum(x.accepted + x.late for x in summaries)
             if accepted != streams * per_round:
                 raise RuntimeError(f"{streams * per_round} labels sent, {accepted} accepted: {summaries}")
-            results.append({"load": f"FeedbackBatchStream 256/msg x{streams}", "rps": streams / elapsed,
-                            "rows_per_s": accepted / elapsed, "p50_ms": 1000 * sorted(spans)[len(spans) // 2],
-                            "p99_ms": 1000 * max(spans), "server_cpu": cpu["server_cpu"],
-                            "client_cpu": cpu["client_cpu"], "loadavg": os.getloadavg()[0]})
+            results.append(
+                {
+                    "load": f"FeedbackBatchStream 256/msg x{streams}",
+                    "rps": streams / elapsed,
+                    "rows_per_s": accepted / elapsed,
+                    "p50_ms": 1000 * sorted(spans)[len(spans) // 2],
+                    "p99_ms": 1000 * max(spans),
+                    "server_cpu": cpu["server_cpu"],
+                    "client_cpu": cpu["client_cpu"],
+                    "loadavg": os.getloadavg()[0],
+                }
+            )
     finally:
         serve.terminate()
         serve.wait(60)
@@ -253,12 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"{'load':<32}{'calls/s':>9}{'rows/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'echo/s':>8}{'ratio':>6}"
-              f"{'srv cpu':>8}{'cli cpu':>8}{'echo cpu':>9}{'e.cli':>6}{'load':>6}")
-        for r in results:
-            print(f"{r['load']:<32}{r['rps']:>9.0f}{r['rows_per_s']:>9.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
-                  f"{r.get('echo_rps', 0):>8.0f}{r.get('ratio', 0):>6.2f}{r['server_cpu']:>8.2f}{r['client_cpu']:>8.2f}"
-                  f"{r.get('echo_cpu', 0):>9.2f}{r.get('echo_client_cpu', 0):>6.2f}{r['loadavg']:>6.1f}")
+        print(
+            f"{'load':<32}{'calls/s':>9}{'rows/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'echo/s':>8}{'ratio':>6}"
+            f"{'srv cpu':>8}{'cli cpu':>8}{'echo cpu':>9}{'e.cli':>6}{'load':>6}"
+        )
+        for row in results:
+            print(
+                f"{row['load']:<32}{row['rps']:>9.0f}{row['rows_per_s']:>9.0f}{row['p50_ms']:>8.2f}"
+                f"{row['p99_ms']:>8.2f}{row.get('echo_rps', 0):>8.0f}{row.get('ratio', 0):>6.2f}"
+                f"{row['server_cpu']:>8.2f}{row['client_cpu']:>8.2f}{row.get('echo_cpu', 0):>9.2f}"
+                f"{row.get('echo_client_cpu', 0):>6.2f}{row['loadavg']:>6.1f}"
+            )
     return 0
 
 

@@ -73,7 +73,8 @@ def seal_log(ledger: Ledger, *, actor: str) -> LogSeals.Sealed | None:
     seals.seal(first, last, len(leaves), merkle_root([leaf for _, leaf in leaves]), actor)
     events = seals.collect_events()
     ledger.record(events)  # ConcurrencyError if another sealer got there first
-    sealed: LogSeals.Sealed = events[-1]
+    sealed = events[-1]
+    assert isinstance(sealed, LogSeals.Sealed)
     return sealed
 
 

@@ -7,7 +7,6 @@ version, period or id file is a one-line error and a non-zero exit (``server.cli
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -16,6 +15,7 @@ import orjson
 
 from server.bootstrap import Runtime, runtime
 from server.cli import CliError, emit
+from server.explain_command import write_report
 
 CLI_ACTOR = "cli"
 SHOWN = 10
@@ -85,19 +85,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         from server.model_report_html import render_model_report_html
 
         body = render_model_report_html(report).encode()
-    if out is None:
-        sys.stdout.buffer.write(body)
-        sys.stdout.flush()
+    if not write_report(body, args.format, out):
         return 0
-    try:
-        if args.format == "pdf":
-            from server.headless import html_to_pdf
-
-            html_to_pdf(body.decode(), out)
-        else:
-            out.write_bytes(body)
-    except OSError as exc:
-        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
     s = report["summary"]
     emit(
         args,

@@ -81,10 +81,20 @@ class LedgerClient:
         timeout_s: per-call deadline.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
-                 retries: int = 5, backoff_s: float = 0.05, timeout_s: float = 30.0):
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        retries: int = 5,
+        backoff_s: float = 0.05,
+        timeout_s: float = 30.0,
+    ):
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
         if root_certificates is not None:
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options)
         else:
@@ -139,8 +149,9 @@ class LedgerClient:
         reply = self._call(self.stub.Predict, pb.PredictRequest(model=model, features=features, prediction_id=key))
         return _prediction(reply)
 
-    def predict_batch(self, model: str, rows: Sequence[Sequence[float]], *,
-                      prediction_ids: Sequence[str] | None = None) -> list[Prediction]:
+    def predict_batch(
+        self, model: str, rows: Sequence[Sequence[float]], *, prediction_ids: Sequence[str] | None = None
+    ) -> list[Prediction]:
         """Score many rows in one call and one commit."""
         keys = list(prediction_ids) if prediction_ids is not None else [str(new_prediction_id()) for _ in rows]
         request = pb.PredictBatchRequest(
@@ -150,8 +161,9 @@ class LedgerClient:
 
     # --- feedback -------------------------------------------------------------------------------
 
-    def feedback(self, prediction_id: str, label: float, *, event_time: datetime | None = None,
-                 source: str = "") -> str:
+    def feedback(
+        self, prediction_id: str, label: float, *, event_time: datetime | None = None, source: str = ""
+    ) -> str:
         """Send one label; returns ``ACCEPTED``, ``DUPLICATE`` or ``LATE`` once committed."""
         reply = self._call(self.stub.Feedback, _feedback_request(Label(prediction_id, label, event_time, source)))
         return pb.FeedbackResponse.Status.Name(reply.status)
@@ -163,13 +175,20 @@ class LedgerClient:
         sees UNAVAILABLE may simply send the same labels again.
         """
         if per_message <= 1:
-            reply = self.stub.FeedbackStream((_feedback_request(x) for x in labels),
-                                             timeout=self.timeout_s * 10, metadata=self.metadata)
+            reply = self.stub.FeedbackStream(
+                (_feedback_request(x) for x in labels), timeout=self.timeout_s * 10, metadata=self.metadata
+            )
         else:
-            reply = self.stub.FeedbackBatchStream(_batches(labels, per_message),
-                                                  timeout=self.timeout_s * 10, metadata=self.metadata)
-        return FeedbackSummary(reply.accepted, reply.duplicate, reply.late, reply.rejected,
-                               tuple((e.index, e.prediction_id, e.code, e.message) for e in reply.errors))
+            reply = self.stub.FeedbackBatchStream(
+                _batches(labels, per_message), timeout=self.timeout_s * 10, metadata=self.metadata
+            )
+        return FeedbackSummary(
+            reply.accepted,
+            reply.duplicate,
+            reply.late,
+            reply.rejected,
+            tuple((e.index, e.prediction_id, e.code, e.message) for e in reply.errors),
+        )
 
     # --- history, time travel, operations -----------------------------------------------------------
 
@@ -177,8 +196,14 @@ class LedgerClient:
         """One row per version, oldest first."""
         return list(self._call(self.stub.ListVersions, pb.ListVersionsRequest(model=model)).versions)
 
-    def get_state(self, model: str, *, version: int | None = None, as_of: datetime | None = None,
-                  features: Sequence[float] | None = None) -> State:
+    def get_state(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        as_of: datetime | None = None,
+        features: Sequence[float] | None = None,
+    ) -> State:
         """The state at a version or time (head when neither); optionally score ``features``."""
         request = pb.GetStateRequest(model=model, features=features or ())
         if version is not None:
@@ -186,9 +211,14 @@ class LedgerClient:
         elif as_of is not None:
             request.as_of.CopyFrom(_timestamp(as_of))
         reply = self._call(self.stub.GetState, request)
-        return State(reply.model, reply.version, reply.params_digest, reply.steps,
-                     reply.score if reply.HasField("score") else None,
-                     reply.decision if reply.HasField("decision") else None)
+        return State(
+            reply.model,
+            reply.version,
+            reply.params_digest,
+            reply.steps,
+            reply.score if reply.HasField("score") else None,
+            reply.decision if reply.HasField("decision") else None,
+        )
 
     def rollback(self, model: str, to_version: int, reason: str) -> pb.ModelInfo:
         """Make an earlier version's state the head."""
@@ -207,8 +237,9 @@ class LedgerClient:
         request = pb.VerifyAuditRequest(model=model)
         return self.stub.VerifyAudit(request, timeout=self.timeout_s * 20, metadata=self.metadata)
 
-    def watch_model(self, model: str, *, from_version: int = 0,
-                    timeout_s: float | None = None) -> Iterator[pb.ModelVersionChanged]:
+    def watch_model(
+        self, model: str, *, from_version: int = 0, timeout_s: float | None = None
+    ) -> Iterator[pb.ModelVersionChanged]:
         """Stream version changes (not retried: resume with ``from_version``)."""
         request = pb.WatchModelRequest(model=model, from_version=from_version)
         return iter(self.stub.WatchModel(request, timeout=timeout_s, metadata=self.metadata))

@@ -54,19 +54,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from server.report_html import render_explanation_html
 
         body = render_explanation_html(report, expand_details=args.format == "pdf").encode()
-    if out is None:
-        sys.stdout.buffer.write(body)
-        sys.stdout.flush()
+    if not write_report(body, args.format, out):
         return 0
-    try:
-        if args.format == "pdf":
-            from server.headless import html_to_pdf
-
-            html_to_pdf(body.decode(), out)
-        else:
-            out.write_bytes(body)
-    except OSError as exc:
-        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
     d = report["decision"]
     emit(
         args,
@@ -83,3 +72,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
         f"→ {out}",
     )
     return 0
+
+
+def write_report(body: bytes, fmt: str, out: Path | None) -> bool:
+    """Write a rendered report: stdout when ``out`` is None (returns False), else the file.
+
+    ``pdf`` renders the HTML body through headless Chromium.
+
+    Raises:
+        CliError: the file cannot be written.
+    """
+    if out is None:
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+        return False
+    try:
+        if fmt == "pdf":
+            from server.headless import html_to_pdf
+
+            html_to_pdf(body.decode(), out)
+        else:
+            out.write_bytes(body)
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return True

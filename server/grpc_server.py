@@ -111,8 +111,11 @@ class LedgerServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.host = settings.host if settings.tokens is not None or is_loopback(settings.host) else "127.0.0.1"
         if self.host != settings.host:
-            log.warning("no tokens file: authentication is off, so binding to loopback %s instead of %s",
-                        self.host, settings.host)
+            log.warning(
+                "no tokens file: authentication is off, so binding to loopback %s instead of %s",
+                self.host,
+                settings.host,
+            )
         elif settings.tokens is None:
             log.warning("no tokens file: authentication is off; listening on loopback only (%s)", self.host)
         address = f"{self.host}:{settings.port}"
@@ -162,8 +165,11 @@ class LedgerServer:
         if self.replica is not None:
             self.replica.stop()
         self.writer.close()
-        log.info("learnledger stopped: %d events in %d transactions", self.writer.stats.events,
-                 self.writer.stats.transactions)
+        log.info(
+            "learnledger stopped: %d events in %d transactions",
+            self.writer.stats.events,
+            self.writer.stats.transactions,
+        )
 
     def wait(self) -> None:
         """Block until the gRPC server terminates."""

@@ -38,8 +38,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from server.default_sweeper import DefaultSweeper
     from server.model_worker import ModelWorker
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [n.strip() for n in (args.models or "").split(",") if n.strip()]
     runtime = build(Settings.from_env())
     ledger = runtime.ledger
@@ -65,8 +64,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 discovered = now
                 for model_id in _model_ids(ledger, names, ModelNotFoundError):
                     if model_id not in workers:
-                        worker = ModelWorker(runtime.service, model_id, stop, report=out,
-                                             poll_interval_s=args.poll_interval)
+                        worker = ModelWorker(
+                            runtime.service, model_id, stop, report=out, poll_interval_s=args.poll_interval
+                        )
                         thread = threading.Thread(target=worker.run, name=f"learn-{model_id}", daemon=True)
                         workers[model_id] = (worker, thread)
                         thread.start()
@@ -83,8 +83,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         runtime.close()
-    out({"event": "stopped", "updates_committed": sum(w.updates_committed for w, _ in workers.values()),
-         "default_labels": sweeper.recorded})
+    out(
+        {
+            "event": "stopped",
+            "updates_committed": sum(w.updates_committed for w, _ in workers.values()),
+            "default_labels": sweeper.recorded,
+        }
+    )
     return 0
 
 
@@ -117,11 +122,15 @@ def _text(payload: dict[str, Any]) -> str:
     kind = payload.get("event")
     texts: dict[str, Callable[[], str]] = {
         "started": lambda: f"learnledger learn: started (models: {payload['models']})",
-        "leading": lambda: (f"learnledger learn: leading model {payload['model']} "
-                            f"(version {payload['version']}, after log position {payload['position']})"),
+        "leading": lambda: (
+            f"learnledger learn: leading model {payload['model']} "
+            f"(version {payload['version']}, after log position {payload['position']})"
+        ),
         "standby": lambda: f"learnledger learn: standing by for model {payload['model_id']}",
         "lost": lambda: f"learnledger learn: lost the lock of model {payload['model_id']}",
-        "stopped": lambda: (f"learnledger learn: stopped ({payload['updates_committed']} updates, "
-                            f"{payload['default_labels']} default labels)"),
+        "stopped": lambda: (
+            f"learnledger learn: stopped ({payload['updates_committed']} updates, "
+            f"{payload['default_labels']} default labels)"
+        ),
     }
     return texts.get(str(kind), lambda: str(payload))()

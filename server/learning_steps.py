@@ -103,9 +103,7 @@ def examples(
         return []
     features = _features_of(ledger, [e.originator_id for e in labels])
     # A committed label's prediction is committed: a missing one is a KeyError, never a guess.
-    return [
-        LabeledExample(e.originator_id, features[e.originator_id], float(e.label), received) for e in labels
-    ]
+    return [LabeledExample(e.originator_id, features[e.originator_id], float(e.label), received) for e in labels]
 
 
 def _features_of(ledger: Ledger, ids: list[UUID]) -> dict[UUID, tuple[float, ...]]:

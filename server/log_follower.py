@@ -88,9 +88,7 @@ class LogFollower:
             self._listening()
         out: list[tuple[int, Any]] = []
         while True:
-            page = self.ledger.recorder.select_notifications(
-                self.position + 1, self.page_size, topics=self.topics
-            )
+            page = self.ledger.recorder.select_notifications(self.position + 1, self.page_size, topics=self.topics)
             to_domain_event = self.ledger.mapper.to_domain_event
             out.extend((n.id, to_domain_event(n)) for n in page)
             if page:

@@ -129,8 +129,15 @@ class ModelWorker:
     def _lead(self, lock: ModelLock) -> None:
         with LogFollower(self.ledger, (*LABEL_TOPICS, *MODEL_CHANGE_TOPICS), poll_interval_s=self.poll_interval_s) as f:
             learner = self._resync(f)
-            self.report({"event": "leading", "model": learner.model.name, "model_id": str(self.model_id),
-                         "version": learner.version, "position": f.position})
+            self.report(
+                {
+                    "event": "leading",
+                    "model": learner.model.name,
+                    "model_id": str(self.model_id),
+                    "version": learner.version,
+                    "position": f.position,
+                }
+            )
             checked = time.monotonic()
             while not self.stop.is_set():
                 # Read ahead only so far (learning, not reading, is the backlog's limit),
@@ -197,6 +204,11 @@ class ModelWorker:
         follower.seek(resume_position(self.ledger, model))
         self.learner = learner
         self.resyncs += 1
-        log.info("model %s: resumed at version %d after log position %d%s", model.name, model.version,
-                 follower.position, " (paused)" if model.paused else "")
+        log.info(
+            "model %s: resumed at version %d after log position %d%s",
+            model.name,
+            model.version,
+            follower.position,
+            " (paused)" if model.paused else "",
+        )
         return learner

@@ -32,7 +32,15 @@ _STATUS = {
     LabelStatus.LATE: pb.FeedbackResponse.LATE,
 }
 _OPTIONAL_SPEC_FIELDS = (
-    "head", "n_classes", "optimizer", "learning_rate", "l2", "batch_size", "seed", "standardize", "threshold",
+    "head",
+    "n_classes",
+    "optimizer",
+    "learning_rate",
+    "l2",
+    "batch_size",
+    "seed",
+    "standardize",
+    "threshold",
     "feedback_window_s",
 )
 STREAM_CHUNK = 1024
@@ -42,8 +50,14 @@ WATCH_POLL_S = 1.0
 class LedgerServicer(pb_grpc.LedgerServicer):
     """``learnledger.v1.Ledger`` over the serving and ledger services."""
 
-    def __init__(self, service: LedgerService, serving: ServingService, catalog: ModelCatalog,
-                 learner: LearnerLoop | None, stopping: threading.Event):
+    def __init__(
+        self,
+        service: LedgerService,
+        serving: ServingService,
+        catalog: ModelCatalog,
+        learner: LearnerLoop | None,
+        stopping: threading.Event,
+    ):
         self.service = service
         self.ledger = service.ledger
         self.serving = serving
@@ -77,17 +91,24 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     @map_errors
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         """Score one row; replies after the prediction is committed."""
-        out = self.serving.predict_rows(request.model, (request.features,), (request.prediction_id,),
-                                        current_caller().name)
-        return pb.PredictResponse(prediction_id=str(out.ids[0]), score=out.scores[0], decision=out.decisions[0],
-                                  model_version=out.versions()[0], params_digest=out.digests()[0])
+        out = self.serving.predict_rows(
+            request.model, (request.features,), (request.prediction_id,), current_caller().name
+        )
+        return pb.PredictResponse(
+            prediction_id=str(out.ids[0]),
+            score=out.scores[0],
+            decision=out.decisions[0],
+            model_version=out.versions()[0],
+            params_digest=out.digests()[0],
+        )
 
     @map_errors
-    def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> pb.PredictBatchResponse:
+    def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> bytes:
         """Score many rows in one commit; one result per row, in order."""
         rows = request.rows
-        out = self.serving.predict_rows(request.model, [r.features for r in rows], [r.prediction_id for r in rows],
-                                        current_caller().name)
+        out = self.serving.predict_rows(
+            request.model, [r.features for r in rows], [r.prediction_id for r in rows], current_caller().name
+        )
         # Bytes: the server registers PredictBatch with a pass-through serializer.
         return predict_batch_bytes(out)
 
@@ -101,19 +122,22 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         return pb.FeedbackResponse(status=_STATUS[outcome.status], prediction_id=str(outcome.prediction_id))
 
     @map_errors
-    def FeedbackStream(self, request_iterator: Iterator[pb.FeedbackRequest],
-                       context: grpc.ServicerContext) -> pb.FeedbackSummary:
+    def FeedbackStream(
+        self, request_iterator: Iterator[pb.FeedbackRequest], context: grpc.ServicerContext
+    ) -> pb.FeedbackSummary:
         """Labels one per message; returns the summary once every accepted one is committed."""
         return self._ingest(([r] for r in request_iterator), context)
 
     @map_errors
-    def FeedbackBatchStream(self, request_iterator: Iterator[pb.FeedbackBatch],
-                            context: grpc.ServicerContext) -> pb.FeedbackSummary:
+    def FeedbackBatchStream(
+        self, request_iterator: Iterator[pb.FeedbackBatch], context: grpc.ServicerContext
+    ) -> pb.FeedbackSummary:
         """Labels many per message: the high-rate form of ``FeedbackStream``."""
         return self._ingest((list(b.items) for b in request_iterator), context)
 
-    def _ingest(self, messages: Iterator[list[pb.FeedbackRequest]],
-                context: grpc.ServicerContext) -> pb.FeedbackSummary:
+    def _ingest(
+        self, messages: Iterator[list[pb.FeedbackRequest]], context: grpc.ServicerContext
+    ) -> pb.FeedbackSummary:
         actor = current_caller().name
         tally = self.serving.feedback_stream(_chunks(messages, actor))
         return feedback_summary(tally)
@@ -133,8 +157,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         version = request.version if which == "version" else None
         as_of = request.as_of.ToDatetime(tzinfo=UTC) if which == "as_of" else None
         folded = self.service.state_at(request.model, version=version, at_time=as_of)
-        reply = pb.GetStateResponse(model=request.model, version=folded.version, params_digest=folded.digest,
-                                    steps=int(folded.state.step))
+        reply = pb.GetStateResponse(
+            model=request.model, version=folded.version, params_digest=folded.digest, steps=int(folded.state.step)
+        )
         if request.features:
             scored = self.service.score(folded, self.ledger.get_model(request.model).spec, list(request.features))
             reply.score, reply.decision = scored.score, scored.decision
@@ -147,12 +172,19 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         models = []
         for r in reports:
             d = r.divergence
-            models.append(pb.ModelVerification(
-                model=r.model, verified=r.verified, versions_checked=r.versions_checked,
-                updates_replayed=r.updates_replayed, divergence_version=d.version if d else 0,
-                divergence_event=d.event if d else "", recorded_digest=d.recorded if d else "",
-                replayed_digest=d.replayed if d else "", platform_differs=bool(r.platform_differences),
-            ))
+            models.append(
+                pb.ModelVerification(
+                    model=r.model,
+                    verified=r.verified,
+                    versions_checked=r.versions_checked,
+                    updates_replayed=r.updates_replayed,
+                    divergence_version=d.version if d else 0,
+                    divergence_event=d.event if d else "",
+                    recorded_digest=d.recorded if d else "",
+                    replayed_digest=d.replayed if d else "",
+                    platform_differs=bool(r.platform_differences),
+                )
+            )
         return pb.VerifyAuditResponse(
             verified=all(r.verified for r in reports),
             versions_checked=sum(r.versions_checked for r in reports),
@@ -161,8 +193,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         )
 
     @map_errors
-    def WatchModel(self, request: pb.WatchModelRequest,
-                   context: grpc.ServicerContext) -> Iterator[pb.ModelVersionChanged]:
+    def WatchModel(
+        self, request: pb.WatchModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelVersionChanged]:
         """Stream every committed model version after ``from_version`` (0: from the head)."""
         model = self.ledger.get_model(request.model)
         sent = request.from_version if request.from_version > 0 else model.version - 1
@@ -227,8 +260,9 @@ def spec_from_proto(spec: pb.LearnerSpec) -> LearnerSpec:
 
 def spec_to_proto(spec: LearnerSpec) -> pb.LearnerSpec:
     """The message form of a domain spec (every field set)."""
-    message = pb.LearnerSpec(kind=spec.kind, n_features=spec.n_features, feature_names=list(spec.feature_names),
-                             hidden=list(spec.hidden))
+    message = pb.LearnerSpec(
+        kind=spec.kind, n_features=spec.n_features, feature_names=list(spec.feature_names), hidden=list(spec.hidden)
+    )
     for name in _OPTIONAL_SPEC_FIELDS:
         setattr(message, name, getattr(spec, name))
     return message
@@ -237,9 +271,16 @@ def spec_to_proto(spec: LearnerSpec) -> pb.LearnerSpec:
 def model_info(model: Model) -> pb.ModelInfo:
     """The message form of a model's head."""
     return pb.ModelInfo(
-        name=model.name, id=str(model.id), version=model.version, params_digest=model.digest, paused=model.paused,
-        spec=spec_to_proto(model.spec), updates_applied=model.updates_applied,
-        updates_rejected=model.updates_rejected, rollbacks=model.rollbacks, steps=model.steps,
+        name=model.name,
+        id=str(model.id),
+        version=model.version,
+        params_digest=model.digest,
+        paused=model.paused,
+        spec=spec_to_proto(model.spec),
+        updates_applied=model.updates_applied,
+        updates_rejected=model.updates_rejected,
+        rollbacks=model.rollbacks,
+        steps=model.steps,
     )
 
 
@@ -258,8 +299,19 @@ def predict_batch_bytes(out: Predictions) -> bytes:
     digest_bytes = digest.encode()
     tail = b"\x18" + _varint(version) + b"\x22" + _varint(len(digest_bytes)) + digest_bytes + b"\x29"
     head = b"\x0a" + _varint(2 + 36 + 9 + len(tail) + 8) + b"\x0a\x24"  # results[i] { prediction_id (36)
-    rows = np.empty(n, np.dtype([("head", f"S{len(head)}"), ("pid", "u1", (36,)), ("score_tag", "S1"),
-                                 ("score", "<f8"), ("tail", f"S{len(tail)}"), ("decision", "<f8")]))
+    rows = np.empty(
+        n,
+        np.dtype(
+            [
+                ("head", f"S{len(head)}"),
+                ("pid", "u1", (36,)),
+                ("score_tag", "S1"),
+                ("score", "<f8"),
+                ("tail", f"S{len(tail)}"),
+                ("decision", "<f8"),
+            ]
+        ),
+    )
     rows["head"], rows["score_tag"], rows["tail"] = head, b"\x11", tail
     rows["score"], rows["decision"] = out.scores, out.decisions
     hexes = np.frombuffer("".join([f"{pid.int:032x}" for pid in out.ids]).encode(), np.uint8).reshape(n, 32)
@@ -287,17 +339,22 @@ def predict_batch_response(out: Predictions) -> pb.PredictBatchResponse:
     """The message form of committed predictions (one result per row, in order)."""
     reply = pb.PredictBatchResponse()
     add = reply.results.add
-    for pid, score, decision, version, digest in zip(out.ids, out.scores, out.decisions, out.versions(),
-                                                     out.digests(), strict=True):
+    for pid, score, decision, version, digest in zip(
+        out.ids, out.scores, out.decisions, out.versions(), out.digests(), strict=True
+    ):
         add(prediction_id=str(pid), score=score, model_version=version, params_digest=digest, decision=decision)
     return reply
 
 
 def predict_response(result: PredictResult) -> pb.PredictResponse:
     """The message form of a committed prediction."""
-    return pb.PredictResponse(prediction_id=str(result.prediction_id), score=result.score,
-                              model_version=result.model_version, params_digest=result.params_digest,
-                              decision=result.decision)
+    return pb.PredictResponse(
+        prediction_id=str(result.prediction_id),
+        score=result.score,
+        model_version=result.model_version,
+        params_digest=result.params_digest,
+        decision=result.decision,
+    )
 
 
 def label_request(message: pb.FeedbackRequest, actor: str, now: datetime) -> LabelRequest:
@@ -313,24 +370,38 @@ def label_request(message: pb.FeedbackRequest, actor: str, now: datetime) -> Lab
     # Built like the domain builds its events (no frozen-dataclass __init__: ~1 µs a
     # label on the FeedbackStream path); equal to LabelRequest(...) field for field.
     request = object.__new__(LabelRequest)
-    request.__dict__.update(prediction_id=prediction_id_for(key), label=message.label, source=message.source,
-                            event_time=event_time, actor=actor)
+    request.__dict__.update(
+        prediction_id=prediction_id_for(key),
+        label=message.label,
+        source=message.source,
+        event_time=event_time,
+        actor=actor,
+    )
     return request
 
 
 def feedback_summary(tally: FeedbackTally) -> pb.FeedbackSummary:
     """The message form of a stream's tally."""
     return pb.FeedbackSummary(
-        accepted=tally.accepted, duplicate=tally.duplicate, late=tally.late, rejected=tally.rejected,
+        accepted=tally.accepted,
+        duplicate=tally.duplicate,
+        late=tally.late,
+        rejected=tally.rejected,
         errors=[pb.FeedbackError(index=i, prediction_id=p, code=c, message=m) for i, p, c, m in tally.errors],
     )
 
 
 def version_info(row: VersionRow) -> pb.VersionInfo:
     """The message form of one history row."""
-    message = pb.VersionInfo(version=row.version, event=row.event, time=_timestamp(row.time),
-                             batch_size=row.batch_size, params_digest=row.params_digest, actor=row.actor,
-                             detail=row.detail)
+    message = pb.VersionInfo(
+        version=row.version,
+        event=row.event,
+        time=_timestamp(row.time),
+        batch_size=row.batch_size,
+        params_digest=row.params_digest,
+        actor=row.actor,
+        detail=row.detail,
+    )
     if row.loss_before is not None:
         message.loss_before = row.loss_before
     if row.loss_after is not None:
@@ -340,9 +411,14 @@ def version_info(row: VersionRow) -> pb.VersionInfo:
 
 def version_changed(name: str, event: Any, digest: str) -> pb.ModelVersionChanged:
     """The message form of one committed model event."""
-    return pb.ModelVersionChanged(model=name, version=event.originator_version, event=type(event).__name__,
-                                  params_digest=digest, time=_timestamp(event.timestamp),
-                                  actor=getattr(event, "actor", ""))
+    return pb.ModelVersionChanged(
+        model=name,
+        version=event.originator_version,
+        event=type(event).__name__,
+        params_digest=digest,
+        time=_timestamp(event.timestamp),
+        actor=getattr(event, "actor", ""),
+    )
 
 
 def _digest_at(events: list[Any]) -> str:
@@ -358,8 +434,10 @@ def _timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
-def _chunks(messages: Iterator[list[pb.FeedbackRequest]], actor: str,
-            ) -> Iterator[list[tuple[int, LabelRequest | None, str, BaseException | None]]]:
+def _chunks(
+    messages: Iterator[list[pb.FeedbackRequest]],
+    actor: str,
+) -> Iterator[list[tuple[int, LabelRequest | None, str, BaseException | None]]]:
     """Group incoming labels into chunks of what has arrived, read on a helper thread.
 
     The bounded queue is the flow control: when the writer falls behind, the reader

@@ -233,8 +233,14 @@ class ServingService:
                 k = len(job.features)
                 try:
                     events, job.predictions = _made_events(
-                        served, job.model_name, job.features, job.ids, scores[offset : offset + k],
-                        decisions[offset : offset + k], job.actor, job.now,
+                        served,
+                        job.model_name,
+                        job.features,
+                        job.ids,
+                        scores[offset : offset + k],
+                        decisions[offset : offset + k],
+                        job.actor,
+                        job.now,
                     )
                     sub.rows = self.writer.encode(events)
                     sub.events = job.events = events
@@ -310,8 +316,9 @@ class ServingService:
             return outcomes
         raise ConcurrencyError("labels kept conflicting with concurrent writers; try again")
 
-    def feedback_stream(self, chunks: Iterable[list[tuple[int, LabelRequest | None, str, BaseException | None]]],
-                        *, in_flight: int = 4) -> FeedbackTally:
+    def feedback_stream(
+        self, chunks: Iterable[list[tuple[int, LabelRequest | None, str, BaseException | None]]], *, in_flight: int = 4
+    ) -> FeedbackTally:
         """Ingest a stream of label chunks; bad labels are counted, the stream goes on.
 
         Each chunk item is ``(index, request, key, error)``: ``error`` is a conversion
@@ -501,8 +508,13 @@ def _score_blocks(served: ServedModel, rows: list[tuple[float, ...]]) -> np.ndar
 
 
 def _build_predictions(
-    served: ServedModel, model_name: str, rows: list[tuple[float, ...]], x: np.ndarray, pids: list[UUID],
-    actor: str, now: datetime,
+    served: ServedModel,
+    model_name: str,
+    rows: list[tuple[float, ...]],
+    x: np.ndarray,
+    pids: list[UUID],
+    actor: str,
+    now: datetime,
 ) -> tuple[list[Prediction.Made], Predictions]:
     proba = served.learner.predict_proba(served.state, x)
     scores, decisions = decide_rows(served.spec, proba)
@@ -510,16 +522,32 @@ def _build_predictions(
 
 
 def _made_events(
-    served: ServedModel, model_name: str, rows: list[tuple[float, ...]], pids: list[UUID], scores: np.ndarray,
-    decisions: np.ndarray, actor: str, now: datetime,
+    served: ServedModel,
+    model_name: str,
+    rows: list[tuple[float, ...]],
+    pids: list[UUID],
+    scores: np.ndarray,
+    decisions: np.ndarray,
+    actor: str,
+    now: datetime,
 ) -> tuple[list[Prediction.Made], Predictions]:
     score_list: list[float] = scores.tolist()
     decision_list: list[float] = decisions.tolist()
     spec, model_id, version, digest = served.spec, served.model_id, served.version, served.digest
     events = [
         make_prediction_event(
-            pid, model_id=model_id, model_name=model_name, model_version=version, spec=spec, features=row,
-            score=score, decision=decision, params_digest=digest, routing="champion", actor=actor, timestamp=now,
+            pid,
+            model_id=model_id,
+            model_name=model_name,
+            model_version=version,
+            spec=spec,
+            features=row,
+            score=score,
+            decision=decision,
+            params_digest=digest,
+            routing="champion",
+            actor=actor,
+            timestamp=now,
         )
         for pid, row, score, decision in zip(pids, rows, score_list, decision_list, strict=True)
     ]

@@ -32,7 +32,10 @@ class LearnProcess:
     def __init__(self, env: dict[str, str], log_path: Path, *extra: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "learn", "--json", *extra],
-            env=env, stdout=subprocess.PIPE, stderr=log_path.open("a"), text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log_path.open("a"),
+            text=True,
         )
         self.lines: queue.SimpleQueue[tuple[float, dict[str, Any]]] = queue.SimpleQueue()
         self.led_at: float | None = None
@@ -95,7 +98,10 @@ def start_serve(env: dict[str, str], log_path: Path, *extra: str) -> tuple[subpr
     """Start ``learnledger serve --port 0 …``; return the process and its address."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", "0", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=log_path.open("a"), text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log_path.open("a"),
+        text=True,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
@@ -138,9 +144,18 @@ class Stream:
             now = datetime.now(UTC)
             made = [
                 make_prediction_event(
-                    uuid.uuid4(), model_id=self.model.id, model_name=self.model.name, model_version=1, spec=spec,
-                    features=[float(k % 7), float(i), 1.0, -0.5][: spec.n_features], score=0.5, decision=0.0,
-                    params_digest="-", routing="champion", actor="stream", timestamp=now,
+                    uuid.uuid4(),
+                    model_id=self.model.id,
+                    model_name=self.model.name,
+                    model_version=1,
+                    spec=spec,
+                    features=[float(k % 7), float(i), 1.0, -0.5][: spec.n_features],
+                    score=0.5,
+                    decision=0.0,
+                    params_digest="-",
+                    routing="champion",
+                    actor="stream",
+                    timestamp=now,
                 )
                 for i in range(self.per_round)
             ]
@@ -178,9 +193,13 @@ def default_labeled(ledger: Ledger, ids: list[uuid.UUID]) -> set[uuid.UUID]:
 
 def run_audit(env: dict[str, str]) -> dict[str, Any]:
     """``learnledger audit verify --json``: exit code 0 and the parsed payload."""
-    audit = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--json"], env=env,
-                           capture_output=True, text=True, timeout=600)
+    audit = subprocess.run(
+        [sys.executable, "-m", "server.cli", "audit", "verify", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr
     payload: dict[str, Any] = json.loads(audit.stdout)
     return payload
-

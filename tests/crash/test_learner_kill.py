@@ -34,15 +34,23 @@ KILLS = 20
 # A leader and standbys: a process start (imports, XLA compile) costs seconds, so the
 # standbys start while earlier leaders are being killed.
 PROCESSES = 4
-SPEC = LearnerSpec(kind="logistic", n_features=4, batch_size=8, learning_rate=0.05, max_batch_wait_s=0.2,
-                   feedback_window_s=2.0, default_label=0.0)
+SPEC = LearnerSpec(
+    kind="logistic",
+    n_features=4,
+    batch_size=8,
+    learning_rate=0.05,
+    max_batch_wait_s=0.2,
+    feedback_window_s=2.0,
+    default_label=0.0,
+)
 
 
 @pytest.fixture
 def learn_env(cli_env: dict[str, str]) -> dict[str, str]:
     """The CLI environment with small snapshots and the commit-delay test hook."""
-    return dict(cli_env, LEARNLEDGER_SNAPSHOT_INTERVAL="10", PYTHONUNBUFFERED="1",
-                LEARNLEDGER_TEST_COMMIT_DELAY_S="0.05")
+    return dict(
+        cli_env, LEARNLEDGER_SNAPSHOT_INTERVAL="10", PYTHONUNBUFFERED="1", LEARNLEDGER_TEST_COMMIT_DELAY_S="0.05"
+    )
 
 
 @pytest.fixture

@@ -27,7 +27,10 @@ def start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[s
     """Start ``learnledger serve --port 0``; return the process and its address."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", "0"],
-        env=env, stdout=subprocess.PIPE, stderr=log_path.open("a"), text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log_path.open("a"),
+        text=True,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
@@ -100,8 +103,13 @@ def test_kill_9_loses_nothing_acknowledged(serve_env: dict[str, str], tmp_path: 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log_path.read_text()[-2000:]
-    audit = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--json"], env=serve_env,
-                           capture_output=True, text=True, timeout=600)
+    audit = subprocess.run(
+        [sys.executable, "-m", "server.cli", "audit", "verify", "--json"],
+        env=serve_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     payload = json.loads(audit.stdout)
     assert audit.returncode == 0 and payload["verified"], audit.stderr
     assert payload["updates_replayed"] >= 1

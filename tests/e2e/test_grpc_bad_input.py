@@ -24,31 +24,39 @@ def assert_refused(runtime: Any, call: Callable[[], object], code: grpc.StatusCo
 
 
 def test_unknown_model_is_not_found(client: LedgerClient, runtime: Any) -> None:
-    assert_refused(runtime, lambda: client.predict("nope", [1.0, 2.0, 3.0]), grpc.StatusCode.NOT_FOUND,
-                   "no model named 'nope'")
+    assert_refused(
+        runtime, lambda: client.predict("nope", [1.0, 2.0, 3.0]), grpc.StatusCode.NOT_FOUND, "no model named 'nope'"
+    )
     assert_refused(runtime, lambda: client.get_model("nope"), grpc.StatusCode.NOT_FOUND, "nope")
     assert_refused(runtime, lambda: client.get_state("nope", version=1), grpc.StatusCode.NOT_FOUND, "nope")
 
 
 @pytest.mark.parametrize(
     ("features", "words"),
-    [([1.0, 2.0], "expects 3 features, got 2"), ([1.0, math.nan, 3.0], "feature 1 is nan"),
-     ([math.inf, 0.0, 0.0], "feature 0 is inf"), ([], "expects 3 features, got 0")],
+    [
+        ([1.0, 2.0], "expects 3 features, got 2"),
+        ([1.0, math.nan, 3.0], "feature 1 is nan"),
+        ([math.inf, 0.0, 0.0], "feature 0 is inf"),
+        ([], "expects 3 features, got 0"),
+    ],
 )
-def test_bad_features_are_invalid_argument(client: LedgerClient, registered: str, runtime: Any,
-                                           features: list[float], words: str) -> None:
+def test_bad_features_are_invalid_argument(
+    client: LedgerClient, registered: str, runtime: Any, features: list[float], words: str
+) -> None:
     assert_refused(runtime, lambda: client.predict(registered, features), grpc.StatusCode.INVALID_ARGUMENT, words)
 
 
 def test_one_bad_row_refuses_the_whole_batch(client: LedgerClient, registered: str, runtime: Any) -> None:
     rows = [[1.0, 2.0, 3.0]] * 10 + [[1.0, math.nan, 3.0]]
-    assert_refused(runtime, lambda: client.predict_batch(registered, rows), grpc.StatusCode.INVALID_ARGUMENT,
-                   "feature 1 is nan")
+    assert_refused(
+        runtime, lambda: client.predict_batch(registered, rows), grpc.StatusCode.INVALID_ARGUMENT, "feature 1 is nan"
+    )
 
 
 def test_feedback_for_unknown_prediction_is_not_found(client: LedgerClient, registered: str, runtime: Any) -> None:
-    assert_refused(runtime, lambda: client.feedback("never-predicted", 1.0), grpc.StatusCode.NOT_FOUND,
-                   "no prediction with id")
+    assert_refused(
+        runtime, lambda: client.feedback("never-predicted", 1.0), grpc.StatusCode.NOT_FOUND, "no prediction with id"
+    )
 
 
 def test_conflicting_label_is_already_exists_and_identical_repeat_is_duplicate(
@@ -56,8 +64,12 @@ def test_conflicting_label_is_already_exists_and_identical_repeat_is_duplicate(
 ) -> None:
     p = client.predict(registered, [1.0, 2.0, 3.0])
     assert client.feedback(p.prediction_id, 1.0) == "ACCEPTED"
-    assert_refused(runtime, lambda: client.feedback(p.prediction_id, 0.0), grpc.StatusCode.ALREADY_EXISTS,
-                   "labeled 1 already; refusing 0")
+    assert_refused(
+        runtime,
+        lambda: client.feedback(p.prediction_id, 0.0),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "labeled 1 already; refusing 0",
+    )
     before = runtime.ledger.recorder.max_notification_id()
     assert client.feedback(p.prediction_id, 1.0) == "DUPLICATE"
     assert runtime.ledger.recorder.max_notification_id() == before
@@ -65,21 +77,31 @@ def test_conflicting_label_is_already_exists_and_identical_repeat_is_duplicate(
 
 def test_bad_label_value_is_invalid_argument(client: LedgerClient, registered: str, runtime: Any) -> None:
     p = client.predict(registered, [1.0, 2.0, 3.0])
-    assert_refused(runtime, lambda: client.feedback(p.prediction_id, 0.5), grpc.StatusCode.INVALID_ARGUMENT,
-                   "labels 0 or 1")
-    assert_refused(runtime, lambda: client.feedback(p.prediction_id, math.nan), grpc.StatusCode.INVALID_ARGUMENT,
-                   "finite")
+    assert_refused(
+        runtime, lambda: client.feedback(p.prediction_id, 0.5), grpc.StatusCode.INVALID_ARGUMENT, "labels 0 or 1"
+    )
+    assert_refused(
+        runtime, lambda: client.feedback(p.prediction_id, math.nan), grpc.StatusCode.INVALID_ARGUMENT, "finite"
+    )
 
 
 def test_prediction_id_reused_with_other_features_is_already_exists(
     client: LedgerClient, registered: str, runtime: Any
 ) -> None:
     client.predict(registered, [1.0, 2.0, 3.0], prediction_id="key-1")
-    assert_refused(runtime, lambda: client.predict(registered, [1.0, 2.0, 4.0], prediction_id="key-1"),
-                   grpc.StatusCode.ALREADY_EXISTS, "different features")
+    assert_refused(
+        runtime,
+        lambda: client.predict(registered, [1.0, 2.0, 4.0], prediction_id="key-1"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "different features",
+    )
     rows = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
-    assert_refused(runtime, lambda: client.predict_batch(registered, rows, prediction_ids=["k2", "k2"]),
-                   grpc.StatusCode.ALREADY_EXISTS, "twice")
+    assert_refused(
+        runtime,
+        lambda: client.predict_batch(registered, rows, prediction_ids=["k2", "k2"]),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "twice",
+    )
 
 
 def test_oversized_message_is_resource_exhausted(client: LedgerClient, registered: str, runtime: Any) -> None:
@@ -96,14 +118,27 @@ def test_oversized_message_is_resource_exhausted(client: LedgerClient, registere
 
 def test_too_many_rows_is_resource_exhausted(client: LedgerClient, registered: str, runtime: Any) -> None:
     rows = [[1.0, 2.0, 3.0]] * 10_001
-    assert_refused(runtime, lambda: client.predict_batch(registered, rows), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                   "at most 10000 rows")
+    assert_refused(
+        runtime,
+        lambda: client.predict_batch(registered, rows),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "at most 10000 rows",
+    )
 
 
 def test_bad_spec_and_duplicate_model(client: LedgerClient, registered: str, runtime: Any) -> None:
-    assert_refused(runtime, lambda: client.register_model("m2", {"kind": "tree", "n_features": 3}),
-                   grpc.StatusCode.INVALID_ARGUMENT, "learner kind")
-    assert_refused(runtime, lambda: client.register_model(registered, {"kind": "logistic", "n_features": 3}),
-                   grpc.StatusCode.ALREADY_EXISTS, "registered already")
-    assert_refused(runtime, lambda: client.rollback(registered, 5, "x"), grpc.StatusCode.INVALID_ARGUMENT,
-                   "rollback target")
+    assert_refused(
+        runtime,
+        lambda: client.register_model("m2", {"kind": "tree", "n_features": 3}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "learner kind",
+    )
+    assert_refused(
+        runtime,
+        lambda: client.register_model(registered, {"kind": "logistic", "n_features": 3}),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "registered already",
+    )
+    assert_refused(
+        runtime, lambda: client.rollback(registered, 5, "x"), grpc.StatusCode.INVALID_ARGUMENT, "rollback target"
+    )

@@ -12,8 +12,9 @@ from server.client import LedgerClient
 from server.grpc_server import LedgerServer
 
 
-def test_racing_identical_labels_commit_once(server: LedgerServer, client: LedgerClient, registered: str,
-                                             runtime: Any) -> None:
+def test_racing_identical_labels_commit_once(
+    server: LedgerServer, client: LedgerClient, registered: str, runtime: Any
+) -> None:
     pid = client.predict(registered, [1.0, 2.0, 3.0]).prediction_id
     before = runtime.ledger.recorder.max_notification_id()
     with ThreadPoolExecutor(16) as pool:
@@ -38,8 +39,9 @@ def test_racing_conflicting_labels_one_wins(server: LedgerServer, client: Ledger
     assert "ALREADY_EXISTS" in outcomes
 
 
-def test_racing_same_key_predictions_make_one(server: LedgerServer, client: LedgerClient, registered: str,
-                                              runtime: Any) -> None:
+def test_racing_same_key_predictions_make_one(
+    server: LedgerServer, client: LedgerClient, registered: str, runtime: Any
+) -> None:
     before = runtime.ledger.recorder.max_notification_id()
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(lambda _: client.predict(registered, [1.0, 2.0, 3.0], prediction_id="k"), range(32)))
@@ -47,8 +49,9 @@ def test_racing_same_key_predictions_make_one(server: LedgerServer, client: Ledg
     assert runtime.ledger.recorder.max_notification_id() == before + 1
 
 
-def test_many_concurrent_predictions_share_transactions(server: LedgerServer, client: LedgerClient,
-                                                        registered: str, runtime: Any) -> None:
+def test_many_concurrent_predictions_share_transactions(
+    server: LedgerServer, client: LedgerClient, registered: str, runtime: Any
+) -> None:
     stats = server.writer.stats
     tx_before = stats.transactions
     with ThreadPoolExecutor(32) as pool:

@@ -22,8 +22,7 @@ def wait_for_version(client: LedgerClient, model: str, at_least: int, timeout: f
         time.sleep(0.05)
 
 
-def test_register_predict_feedback_learns_and_time_travels(client: LedgerClient, registered: str,
-                                                           runtime: Any) -> None:
+def test_register_predict_feedback_learns_and_time_travels(client: LedgerClient, registered: str, runtime: Any) -> None:
     # Given a registered model at version 1
     info = client.get_model(registered)
     assert info.version == 1
@@ -64,8 +63,7 @@ def test_predict_batch_commits_every_row(client: LedgerClient, registered: str, 
     assert runtime.ledger.recorder.max_notification_id() == before + 256
 
 
-def test_predict_key_reuse_same_features_returns_original(client: LedgerClient, registered: str,
-                                                          runtime: Any) -> None:
+def test_predict_key_reuse_same_features_returns_original(client: LedgerClient, registered: str, runtime: Any) -> None:
     first = client.predict(registered, [1.0, 2.0, 3.0], prediction_id="order-17")
     before = runtime.ledger.recorder.max_notification_id()
     again = client.predict(registered, [1.0, 2.0, 3.0], prediction_id="order-17")
@@ -81,8 +79,9 @@ def test_feedback_stream_summarises(client: LedgerClient, registered: str) -> No
     summary = client.feedback_stream(labels, per_message=16)
     assert (summary.accepted, summary.duplicate, summary.rejected) == (40, 1, 1)
     assert summary.errors[0][2] == "NOT_FOUND"
-    single = client.feedback_stream([Label(p.prediction_id, float(i % 2)) for i, p in enumerate(preds[:5])],
-                                    per_message=1)
+    single = client.feedback_stream(
+        [Label(p.prediction_id, float(i % 2)) for i, p in enumerate(preds[:5])], per_message=1
+    )
     assert single.duplicate == 5
     assert wait_for_version(client, registered, 11) == 11
 

@@ -94,9 +94,23 @@ def test_replicas_follow_updates_rollbacks_and_restart_from_snapshots(
 
             # A rollback by an operator in yet another process.
             before = rt.ledger.get_model("rep").version
-            rollback = subprocess.run([sys.executable, "-m", "server.cli", "rollback", "rep", "--to-version", "3",
-                                       "--reason", "replica test"], env=env, capture_output=True, text=True,
-                                      timeout=120)
+            rollback = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "server.cli",
+                    "rollback",
+                    "rep",
+                    "--to-version",
+                    "3",
+                    "--reason",
+                    "replica test",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert rollback.returncode == 0, rollback.stderr
             head, seen = wait_head(rt, before)
             assert head.digest == rt.ledger.get_model_at("rep", 3).digest

@@ -9,33 +9,17 @@ import numpy as np
 import pytest
 
 from domain.errors import ConcurrencyError, InvalidSpecError
-from domain.ids import new_prediction_id
 from domain.ledger import LabelRequest, LabelStatus
-from domain.prediction import DEFAULT_LABELED_TOPIC, Prediction, make_prediction_event
+from domain.prediction import DEFAULT_LABELED_TOPIC, Prediction
 from domain.spec import LearnerSpec
 from projections.learning import LabeledExample
+from tests.factories import prediction_events
 
 SPEC = LearnerSpec(kind="logistic", n_features=2, batch_size=4, feedback_window_s=60.0, default_label=0.0)
 
 
 def _predict(rt, model, n: int, when: datetime) -> list[Prediction.Made]:  # type: ignore[no-untyped-def]
-    events = [
-        make_prediction_event(
-            new_prediction_id(),
-            model_id=model.id,
-            model_name=model.name,
-            model_version=model.version,
-            spec=model.spec,
-            features=(float(i), 1.0 - i),
-            score=0.5,
-            decision=1.0,
-            params_digest=model.digest,
-            routing="champion",
-            actor="t",
-            timestamp=when,
-        )
-        for i in range(n)
-    ]
+    events = prediction_events(model, n, when=when, features=lambda i: (float(i), 1.0 - i))
     rt.ledger.record(events)
     return events
 

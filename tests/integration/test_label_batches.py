@@ -10,33 +10,17 @@ import pytest
 from domain.errors import ConcurrencyError, ConflictingLabelError, InvalidArgumentError, PredictionNotFoundError
 from domain.ids import new_prediction_id
 from domain.ledger import LabelOutcome, LabelRequest, LabelStatus
-from domain.prediction import Prediction, make_prediction_event
+from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from server.label_batches import commit_labels
+from tests.factories import prediction_events
 
 SPEC = LearnerSpec(kind="logistic", n_features=2)
 
 
 def _made(rt: Any, n: int) -> list[Prediction.Made]:
     model = rt.service.register_model("m", SPEC, "alice")
-    now = datetime.now(UTC)
-    events = [
-        make_prediction_event(
-            new_prediction_id(),
-            model_id=model.id,
-            model_name=model.name,
-            model_version=model.version,
-            spec=model.spec,
-            features=(float(i), 1.0),
-            score=0.5,
-            decision=1.0,
-            params_digest=model.digest,
-            routing="champion",
-            actor="t",
-            timestamp=now,
-        )
-        for i in range(n)
-    ]
+    events = prediction_events(model, n)
     rt.ledger.record(events)
     return events
 

@@ -20,9 +20,20 @@ SPEC = LearnerSpec(kind="logistic", n_features=2, batch_size=4, feedback_window_
 def _made(model: Any, n: int, when: datetime | None = None) -> list[Prediction.Made]:
     now = when or datetime.now(UTC)
     return [
-        make_prediction_event(uuid.uuid4(), model_id=model.id, model_name=model.name, model_version=1, spec=SPEC,
-                              features=[float(i), 1.0], score=0.5, decision=0.0, params_digest="-",
-                              routing="champion", actor="t", timestamp=now)
+        make_prediction_event(
+            uuid.uuid4(),
+            model_id=model.id,
+            model_name=model.name,
+            model_version=1,
+            spec=SPEC,
+            features=[float(i), 1.0],
+            score=0.5,
+            decision=0.0,
+            params_digest="-",
+            routing="champion",
+            actor="t",
+            timestamp=now,
+        )
         for i in range(n)
     ]
 

@@ -22,13 +22,13 @@ import orjson
 import pytest
 from nats.js.errors import NotFoundError
 
-from domain.ids import new_prediction_id
 from domain.ledger import LabelRequest
-from domain.prediction import Prediction, make_prediction_event
+from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from server.ingest import FeedbackIngester, IngestConfig, open_ingester
 from server.nats_topology import default_stream_name
 from tests.conftest import IN_CI, make_runtime
+from tests.factories import prediction_events
 
 NATS_URL = os.environ.get("LEARNLEDGER_TEST_NATS_URL", "nats://127.0.0.1:4222")
 SPEC = LearnerSpec(kind="logistic", n_features=2)
@@ -103,24 +103,7 @@ def _config(subject: str, url: str, **changes: Any) -> IngestConfig:
 
 
 def _predictions(model: Any, n: int) -> list[Prediction.Made]:
-    now = datetime.now(UTC)
-    return [
-        make_prediction_event(
-            new_prediction_id(),
-            model_id=model.id,
-            model_name=model.name,
-            model_version=model.version,
-            spec=model.spec,
-            features=(float(i), 1.0),
-            score=0.5,
-            decision=1.0,
-            params_digest=model.digest,
-            routing="champion",
-            actor="t",
-            timestamp=now,
-        )
-        for i in range(n)
-    ]
+    return prediction_events(model, n)
 
 
 def _label_events(rt: Any, pid: uuid.UUID) -> list[Prediction.Labeled]:

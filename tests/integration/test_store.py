@@ -9,31 +9,14 @@ import pytest
 from domain.errors import ConcurrencyError, ConflictingLabelError, ModelExistsError, PredictionNotFoundError
 from domain.ids import new_prediction_id
 from domain.ledger import LabelRequest, LabelStatus
-from domain.prediction import make_prediction_event
 from domain.spec import LearnerSpec
+from tests.factories import prediction_events
 
 SPEC = LearnerSpec(kind="logistic", n_features=2)
 
 
 def _predictions(rt, model, n: int):  # type: ignore[no-untyped-def]
-    now = datetime.now(UTC)
-    return [
-        make_prediction_event(
-            new_prediction_id(),
-            model_id=model.id,
-            model_name=model.name,
-            model_version=model.version,
-            spec=model.spec,
-            features=(float(i), 1.0),
-            score=0.25,
-            decision=0.0,
-            params_digest=model.digest,
-            routing="champion",
-            actor="t",
-            timestamp=now,
-        )
-        for i in range(n)
-    ]
+    return prediction_events(model, n, score=0.25, decision=0.0)
 
 
 def test_recorded_events_read_back_exactly_with_gap_free_ids(any_runtime) -> None:  # type: ignore[no-untyped-def]

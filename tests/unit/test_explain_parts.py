@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +16,7 @@ from projections.performance import _bin
 SPEC = LearnerSpec(kind="logistic", n_features=3, batch_size=2)
 
 
-def given_history() -> tuple[list[object], list[tuple[object, ...]]]:
+def given_history() -> tuple[list[object], list[tuple[UUID, UUID]]]:
     """v1 registered, v2-v5 updates, v6 rolled back to v3, v7 rejected, v8 update."""
     model = Model(name="m", spec=SPEC, platform=(("backend", "cpu"),), initial_digest="sha256:0", actor="alice")
     batches = [(uuid4(), uuid4()) for _ in range(6)]

@@ -56,9 +56,20 @@ def test_fast_built_values_equal_constructed_ones() -> None:
 
 def _made(pid: UUID, model_id: UUID, now: datetime) -> Prediction.Made:
     spec = LearnerSpec.from_dict({"kind": "logistic", "n_features": 2})
-    return make_prediction_event(pid, model_id=model_id, model_name="m", model_version=1, spec=spec,
-                                 features=(1.0, 2.0), score=0.5, decision=1.0, params_digest="d",
-                                 routing="champion", actor="a", timestamp=now)
+    return make_prediction_event(
+        pid,
+        model_id=model_id,
+        model_name="m",
+        model_version=1,
+        spec=spec,
+        features=(1.0, 2.0),
+        score=0.5,
+        decision=1.0,
+        params_digest="d",
+        routing="champion",
+        actor="a",
+        timestamp=now,
+    )
 
 
 def test_recent_predictions_forget_labeled_ones_and_roll_generations() -> None:
@@ -68,8 +79,9 @@ def test_recent_predictions_forget_labeled_ones_and_roll_generations() -> None:
     recent.on_commit([_made(p, model_id, now) for p in ids[:3]], [])
     found = recent.lookup(ids)
     assert set(found) == set(ids[:3]) and found[ids[0]].model_id == model_id and found[ids[0]].timestamp == now
-    label = make_label_event(ids[0], model_id=model_id, label=1.0, source="", event_time=now, in_window=True,
-                             actor="a", timestamp=now)
+    label = make_label_event(
+        ids[0], model_id=model_id, label=1.0, source="", event_time=now, in_window=True, actor="a", timestamp=now
+    )
     recent.on_commit([label], [])
     assert set(recent.lookup(ids)) == set(ids[1:3])
     recent.on_commit([_made(p, model_id, now) for p in ids[3:]], [])  # young reaches 4: becomes old
