@@ -35,6 +35,7 @@ METHOD_ROLES: dict[str, str | None] = {
     "ListVersions": "audit",
     "GetState": "audit",
     "VerifyAudit": "audit",
+    "Explain": "audit",
     "WatchModel": "audit",
     "Rollback": "operate",
     "Pause": "operate",

@@ -232,6 +232,10 @@ class LedgerClient:
         """Start learning again."""
         return self._call(self.stub.Resume, pb.ResumeRequest(model=model, reason=reason))
 
+    def explain(self, prediction_id: str) -> pb.ExplainResponse:
+        """Why a past decision was made (the server replays the serving version)."""
+        return self._call(self.stub.Explain, pb.ExplainRequest(prediction_id=prediction_id))
+
     def verify_audit(self, model: str = "") -> pb.VerifyAuditResponse:
         """Replay from genesis and compare every digest (slow on long histories)."""
         request = pb.VerifyAuditRequest(model=model)

@@ -7,9 +7,11 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import grpc
 import numpy as np
+import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from domain.errors import InvalidArgumentError, LedgerError
@@ -190,6 +192,30 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             versions_checked=sum(r.versions_checked for r in reports),
             updates_replayed=sum(r.updates_replayed for r in reports),
             models=models,
+        )
+
+    @map_errors
+    def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
+        """Why a past decision was made, re-derived from the log (role: audit)."""
+        from projections.explain import explain_prediction
+
+        try:
+            prediction_id = UUID(request.prediction_id.strip())
+        except ValueError:
+            raise InvalidArgumentError(f"not a prediction id (a UUID): {request.prediction_id!r}") from None
+        explanation = explain_prediction(self.ledger, self.service.replayer, prediction_id)
+        report = explanation.to_json()
+        decided = report["decision"]
+        return pb.ExplainResponse(
+            prediction_id=str(decided["prediction_id"]),
+            model=decided["model"],
+            model_version=int(decided["model_version"]),
+            params_digest=decided["params_digest"],
+            score=float(decided["score"]),
+            recomputed_score=float(decided["recomputed_score"]),
+            decision=float(decided["decision"]),
+            top_reasons=list(report["reasons"]["top_reasons"]),
+            report_json=orjson.dumps(report).decode(),
         )
 
     @map_errors

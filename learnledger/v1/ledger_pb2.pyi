@@ -288,6 +288,34 @@ class ResumeRequest(_message.Message):
     reason: str
     def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ExplainRequest(_message.Message):
+    __slots__ = ("prediction_id",)
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
+    prediction_id: str
+    def __init__(self, prediction_id: _Optional[str] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("prediction_id", "model", "model_version", "params_digest", "score", "recomputed_score", "decision", "top_reasons", "report_json")
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    TOP_REASONS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    prediction_id: str
+    model: str
+    model_version: int
+    params_digest: str
+    score: float
+    recomputed_score: float
+    decision: float
+    top_reasons: _containers.RepeatedScalarFieldContainer[str]
+    report_json: str
+    def __init__(self, prediction_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., params_digest: _Optional[str] = ..., score: _Optional[float] = ..., recomputed_score: _Optional[float] = ..., decision: _Optional[float] = ..., top_reasons: _Optional[_Iterable[str]] = ..., report_json: _Optional[str] = ...) -> None: ...
+
 class VerifyAuditRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

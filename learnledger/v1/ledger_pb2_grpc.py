@@ -89,6 +89,11 @@ class LedgerStub:
                 request_serializer=learnledger_dot_v1_dot_ledger__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=learnledger_dot_v1_dot_ledger__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/learnledger.v1.Ledger/Explain',
+                request_serializer=learnledger_dot_v1_dot_ledger__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=learnledger_dot_v1_dot_ledger__pb2.ExplainResponse.FromString,
+                _registered_method=True)
         self.WatchModel = channel.unary_stream(
                 '/learnledger.v1.Ledger/WatchModel',
                 request_serializer=learnledger_dot_v1_dot_ledger__pb2.WatchModelRequest.SerializeToString,
@@ -186,6 +191,13 @@ class LedgerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why a past decision was made: the serving version rebuilt by replay and re-scored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -268,6 +280,11 @@ def add_LedgerServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=learnledger_dot_v1_dot_ledger__pb2.VerifyAuditRequest.FromString,
                     response_serializer=learnledger_dot_v1_dot_ledger__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=learnledger_dot_v1_dot_ledger__pb2.ExplainRequest.FromString,
+                    response_serializer=learnledger_dot_v1_dot_ledger__pb2.ExplainResponse.SerializeToString,
             ),
             'WatchModel': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchModel,
@@ -587,6 +604,33 @@ class Ledger:
             '/learnledger.v1.Ledger/VerifyAudit',
             learnledger_dot_v1_dot_ledger__pb2.VerifyAuditRequest.SerializeToString,
             learnledger_dot_v1_dot_ledger__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learnledger.v1.Ledger/Explain',
+            learnledger_dot_v1_dot_ledger__pb2.ExplainRequest.SerializeToString,
+            learnledger_dot_v1_dot_ledger__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

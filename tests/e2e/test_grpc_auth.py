@@ -37,6 +37,7 @@ def calls(c: LedgerClient, pid: str) -> dict[str, Callable[[], Any]]:
         "ListVersions": lambda: c.list_versions("m1"),
         "GetState": lambda: c.get_state("m1", version=1),
         "VerifyAudit": lambda: c.verify_audit("m1"),
+        "Explain": lambda: c.explain(pid),
         "WatchModel": lambda: next(c.watch_model("m1", timeout_s=5)),
         "Pause": lambda: c.pause("m1", "matrix"),
         "Resume": lambda: c.resume("m1", "matrix"),
