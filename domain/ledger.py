@@ -318,19 +318,43 @@ class Ledger(Application):
         """
         if not events:
             return []
-        # Straight to the recorder: EventStore.put would also build a Recording object
-        # per event, which the hot path never reads; the ledger's own recorder takes
-        # plain rows and skips a StoredEvent per event too.
-        mapper: Any = self.mapper
-        recorder: Any = self.recorder
+        rows = self.encode_rows(events)
+        if rows is not None:
+            return self.record_rows(rows)
         try:
-            if hasattr(recorder, "insert_rows") and hasattr(mapper, "to_row"):
-                ids = recorder.insert_rows([mapper.to_row(e) for e in events])
-            else:
-                ids = recorder.insert_events([self.mapper.to_stored_event(e) for e in events])
+            ids = self.recorder.insert_events([self.mapper.to_stored_event(e) for e in events])
         except IntegrityError as exc:
             raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
         return list(ids or [])
+
+    def encode_rows(self, events: Sequence[DomainEventProtocol[Any]]) -> list[tuple[Any, int, str, bytes]] | None:
+        """The rows ``events`` are stored as, or None when the recorder takes no rows.
+
+        Encoding is the Python-heavy half of a commit: callers that commit on another
+        thread encode first, on their own thread, and hand ``record_rows`` only I/O.
+        (EventStore.put would also build a Recording object per event, which the hot path
+        never reads.)
+
+        Raises:
+            NonFiniteValueError: an event holds a NaN or infinity.
+        """
+        mapper: Any = self.mapper
+        if not (hasattr(self.recorder, "insert_rows") and hasattr(mapper, "to_row")):
+            return None
+        to_row = mapper.to_row
+        return [to_row(e) for e in events]
+
+    def record_rows(self, rows: Sequence[tuple[Any, int, str, bytes]]) -> list[int]:
+        """Commit rows from ``encode_rows``, in order, in one transaction.
+
+        Raises:
+            ConcurrencyError: a row's stream position was taken; nothing was written.
+        """
+        recorder: Any = self.recorder
+        try:
+            return list(recorder.insert_rows(rows))
+        except IntegrityError as exc:
+            raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
 
     def prepare_default_labels(
         self, *, now: datetime, after: int = 0, limit: int = 1000, actor: str = "default-labeler"

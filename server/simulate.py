@@ -107,8 +107,11 @@ def run_simulation(
     committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulate-commit")
     in_flight: list[Future[None]] = []
 
-    def write(events: list[Any], snapshots: list[tuple[int, Any, str]]) -> None:
-        service.ledger.record(events)
+    def write(events: list[Any], rows: list[Any] | None, snapshots: list[tuple[int, Any, str]]) -> None:
+        if rows is None:
+            service.ledger.record(events)
+        else:
+            service.ledger.record_rows(rows)
         if service.store is not None:
             for version, state, digest in snapshots:
                 service.store.put_snapshot(model_id, version, digest, state_to_bytes(state))
@@ -116,7 +119,10 @@ def run_simulation(
     def commit(*, wait: bool = False) -> None:
         while in_flight:
             in_flight.pop().result()  # re-raises a failed commit here, in order
-        in_flight.append(committer.submit(write, list(pending_events), list(snapshots_due)))
+        # Encode here: the committer thread then only does I/O, which releases the GIL,
+        # instead of competing with the learner's dispatches for it.
+        rows = service.ledger.encode_rows(pending_events)
+        in_flight.append(committer.submit(write, list(pending_events), rows, list(snapshots_due)))
         pending_events.clear()
         snapshots_due.clear()
         if wait:

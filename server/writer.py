@@ -25,8 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventsourcing.persistence import IntegrityError
-
 from domain.errors import ConcurrencyError
 from domain.ledger import Ledger
 
@@ -136,12 +134,8 @@ class GroupCommitWriter:
         self.ledger = ledger
         self.max_events = max_events
         self.builder: Callable[[list[Submission]], None] | None = None
-        mapper: Any = ledger.mapper
-        recorder: Any = ledger.recorder
         # The ledger's own COPY recorder takes plain rows: encode them off the writer thread.
-        self._to_row: Callable[[Any], Row] | None = (
-            mapper.to_row if hasattr(mapper, "to_row") and hasattr(recorder, "insert_rows") else None
-        )
+        self._takes_rows = ledger.encode_rows([]) is not None
         self.stats = WriterStats()
         self._queue: deque[Submission] = deque()
         self._cond = threading.Condition()
@@ -170,10 +164,7 @@ class GroupCommitWriter:
         Raises:
             NonFiniteValueError: an event holds a NaN or infinity.
         """
-        to_row = self._to_row
-        if to_row is None:
-            return None
-        return [to_row(e) for e in events]
+        return self.ledger.encode_rows(events)
 
     def submit(self, events: Sequence[Any], rows: list[Row] | None = None, *, contended: bool = False) -> Ticket:
         """Queue events to commit together; the future resolves to their notification ids.
@@ -269,7 +260,7 @@ class GroupCommitWriter:
                 # A job that made no events (all its predictions existed already).
                 _resolve(s.future, [])
                 continue
-            if s.rows is None and self._to_row is not None:
+            if s.rows is None and self._takes_rows:
                 try:
                     s.rows = self.encode(s.events)
                 except Exception as exc:  # one caller's bad event must not fail the others
@@ -301,14 +292,9 @@ class GroupCommitWriter:
         return kept
 
     def _record(self, batch: list[Submission], events: list[Any]) -> list[int]:
-        if self._to_row is None:
+        if not self._takes_rows:
             return self.ledger.record(events)
-        recorder: Any = self.ledger.recorder
-        rows = [r for s in batch for r in (s.rows or ())]
-        try:
-            return list(recorder.insert_rows(rows))
-        except IntegrityError as exc:
-            raise ConcurrencyError(f"a stream position was taken by another writer: {exc}") from None
+        return self.ledger.record_rows([r for s in batch for r in (s.rows or ())])
 
     def _commit(self, batch: list[Submission]) -> None:
         batch = self._prepare(batch)
