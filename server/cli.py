@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated model names (default: every model, as registered)")
     p.add_argument("--poll-interval", type=float, default=0.5, help="log polling fallback in seconds (default 0.5)")
     p.add_argument("--sweep-interval", type=float, default=5.0, help="default-label sweep period, s; 0: off")
+    p.add_argument("--seal-interval", type=float, default=60.0, help="seal the log every N seconds; 0: off")
     p.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
 
     def learn(args: argparse.Namespace) -> int:

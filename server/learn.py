@@ -24,6 +24,8 @@ from uuid import UUID
 
 import orjson
 
+from domain.errors import LedgerError
+
 log = logging.getLogger("learnledger.learn")
 
 DISCOVER_S = 1.0
@@ -58,6 +60,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     out({"event": "started", "models": names or "all"})
     try:
         discovered = swept = 0.0
+        sealed = time.monotonic()  # the first seal after one period, not during start-up
         while not stop.is_set():
             now = time.monotonic()
             if now - discovered >= DISCOVER_S:
@@ -76,20 +79,31 @@ def cmd_learn(args: argparse.Namespace) -> int:
                     sweeper.sweep()
                 except Exception as exc:  # the database may be away; the next sweep retries
                     log.warning("default-label sweep failed: %s", exc)
+            if args.seal_interval > 0 and now - sealed >= args.seal_interval:
+                sealed = now
+                try:
+                    seal = runtime.service.seal("learner")
+                    if seal is not None:
+                        out({"event": "sealed", "first": seal.first, "last": seal.last, "seal": seal.seal})
+                except LedgerError:
+                    pass  # another process sealed the same range first: nothing to do
+                except Exception as exc:  # the database may be away; the next period retries
+                    log.warning("sealing failed: %s", exc)
             stop.wait(TICK_S)
         for _, thread in workers.values():
             thread.join(JOIN_TIMEOUT_S)
     finally:
+        runtime.close()
+        out(
+            {
+                "event": "stopped",
+                "updates_committed": sum(w.updates_committed for w, _ in workers.values()),
+                "default_labels": sweeper.recorded,
+            }
+        )
+        # Restored last: a second SIGTERM during shutdown must not kill a clean exit.
         for s, handler in previous.items():
             signal.signal(s, handler)
-        runtime.close()
-    out(
-        {
-            "event": "stopped",
-            "updates_committed": sum(w.updates_committed for w, _ in workers.values()),
-            "default_labels": sweeper.recorded,
-        }
-    )
     return 0
 
 
@@ -128,6 +142,7 @@ def _text(payload: dict[str, Any]) -> str:
         ),
         "standby": lambda: f"learnledger learn: standing by for model {payload['model_id']}",
         "lost": lambda: f"learnledger learn: lost the lock of model {payload['model_id']}",
+        "sealed": lambda: f"learnledger learn: sealed log positions {payload['first']}..{payload['last']}",
         "stopped": lambda: (
             f"learnledger learn: stopped ({payload['updates_committed']} updates, "
             f"{payload['default_labels']} default labels)"

@@ -119,3 +119,33 @@ def test_an_explanation_is_attested_by_the_seal_covering_it(runtime) -> None:  #
     sealed = runtime.service.seal("auditor")
     after = explain_prediction(runtime.ledger, runtime.service.replayer, row[0])
     assert sealed is not None and after.attestation.seal == sealed.seal
+
+
+def test_the_learner_process_seals_the_log_periodically(runtime) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _history(runtime)
+    env = dict(os.environ)
+    env.update(
+        LEARNLEDGER_DATABASE_URL=runtime.database.url,
+        LEARNLEDGER_SCHEMA=runtime.ledger.recorder.datastore.schema,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "learn", "--json", "--seal-interval", "0.2", "--sweep-interval", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if json.loads(line).get("event") == "sealed":
+                break
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    report = runtime.service.verify_seals()
+    assert report.verified and report.seals_checked >= 1
