@@ -55,7 +55,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
         log.info("received %s: finishing the current commit, then stopping", signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
     sweeper = DefaultSweeper(ledger, led)
     out({"event": "started", "models": names or "all"})
     try:
@@ -101,9 +102,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 "default_labels": sweeper.recorded,
             }
         )
-        # Restored last: a second SIGTERM during shutdown must not kill a clean exit.
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    # The handlers stay: a SIGTERM arriving while this process exits must not turn a clean
+    # shutdown into a kill (the command is the process; nothing runs after it).
     return 0
 
 
