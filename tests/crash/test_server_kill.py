@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,31 +17,9 @@ import grpc
 import pytest
 
 from server.client import LedgerClient
+from tests.processes import start_serve
 
 CLIENTS = 64
-LISTENING = re.compile(r"listening on (\S+)")
-
-
-def start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start ``learnledger serve --port 0``; return the process and its address."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=log_path.open("a"),
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        match = LISTENING.search(line)
-        if match:
-            return proc, match.group(1)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"server did not start: {log_path.read_text()[-2000:]}")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from uuid import uuid4
 import pytest
 
 from domain.prediction import MADE_TOPIC
+from server.headless import FLAGS
 from server.streams import drifting_binary_stream
 
 CHROMIUM = "/usr/bin/chromium"
@@ -115,14 +116,7 @@ def test_the_html_report_renders_in_headless_chromium(
     proc = subprocess.run(
         [
             CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *FLAGS,
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--screenshot={png}",
             "--window-size=1200,1600",
