@@ -80,7 +80,11 @@ class ModelLock:
         return True
 
     def release(self) -> None:
-        """Give the lock up (closing the session releases it too)."""
+        """Give the lock up now; closing the session alone frees it only when the server
+        notices the disconnect, so a successor asking at once could still find it held."""
+        if self.held and self._conn is not None and not self._conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
         self.held = False
         self._close()
 
