@@ -13,7 +13,7 @@ from domain.errors import ConflictingPredictionError, InvalidArgumentError
 from domain.spec import LearnerSpec
 from domain.validation import require_features, require_finite
 
-ROUTINGS = ("champion", "candidate")
+ROUTINGS = ("champion", "candidate", "control")
 MAX_SOURCE_LENGTH = 200
 
 

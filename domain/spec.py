@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from domain.errors import InvalidSpecError
+from domain.policy import SafetyPolicy
 
 LEARNER_KINDS = ("logistic", "softmax", "linear", "mlp")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
@@ -45,6 +46,7 @@ class LearnerSpec:
             as ``Prediction.DefaultLabeled`` so it is never mistaken for a real one.
         max_batch_wait_s: learn from a partial batch once its oldest label has waited
             this long (0: only full batches). The batch taken is recorded either way.
+        policy: gates, drift detection, replay buffer and rollout (``SafetyPolicy``).
     """
 
     kind: str
@@ -63,6 +65,7 @@ class LearnerSpec:
     feedback_window_s: float = 30 * 86_400.0
     default_label: float | None = None
     max_batch_wait_s: float = 0.0
+    policy: SafetyPolicy = field(default_factory=SafetyPolicy)
 
     def __post_init__(self) -> None:
         # Fill derived defaults so that the recorded spec is explicit and complete.
@@ -124,6 +127,9 @@ class LearnerSpec:
             raise InvalidSpecError(f"feedback_window_s must be > 0, got {self.feedback_window_s}")
         if not 0.0 < self.threshold < 1.0:
             raise InvalidSpecError(f"threshold must be in (0, 1), got {self.threshold}")
+        self.policy.check_features(self.feature_names)
+        if self.policy.feature_bounds and self.kind == "mlp":
+            raise InvalidSpecError("policy.feature_bounds (a per-coefficient envelope) needs a linear learner kind")
 
     @property
     def n_outputs(self) -> int:
@@ -132,7 +138,9 @@ class LearnerSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready mapping of every field (tuples become lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        out["policy"] = self.policy.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LearnerSpec:
@@ -147,6 +155,8 @@ class LearnerSpec:
         for key in ("feature_names", "hidden"):
             if key in values:
                 values[key] = tuple(values[key])
+        if isinstance(values.get("policy"), dict):
+            values["policy"] = SafetyPolicy.from_dict(values["policy"])
         try:
             return cls(**values)
         except TypeError as exc:

@@ -25,7 +25,15 @@ from domain.seal import SEALS_ID, LogSeals
 from domain.spec import LearnerSpec
 from projections.attribution import Attribution, attribute, standardisation
 from projections.counterfactual import Counterfactuals, find_counterfactuals, rescore
-from projections.lineage import LearnedFrom, Lineage, RollbackFact, learned_from, lineage_at, rollbacks_affecting
+from projections.lineage import (
+    LearnedFrom,
+    Lineage,
+    RollbackFact,
+    drift_summary,
+    learned_from,
+    lineage_at,
+    rollbacks_affecting,
+)
 from projections.platform import platform_differences, platform_fingerprint
 from projections.replay import Replayer, ReplayError
 
@@ -297,7 +305,7 @@ def _provenance(ledger: Ledger, model: Model, events: list[Any], version: int, r
         platform_differences=platform_differences(registered.platform),
         lineage=lineage_at(events, version),
         paused=ledger.get_model_at(model.name, version).paused,
-        drift="no drift was recorded before this version (drift detectors do not record events yet)",
+        drift=drift_summary(model, [e for e in events if e.originator_version <= version]),
         rollout_stage=routing,
     )
 

@@ -184,6 +184,39 @@ def _verdict(event: Any, verdict: str, reason: str) -> GateVerdict:
     )
 
 
+def drift_summary(model: Model, events: Sequence[Any]) -> str:
+    """One sentence on drift detection over ``events``: what fired where, or why nothing did."""
+    detectors = model.spec.policy.drift_detectors
+    found = [e for e in events if isinstance(e, Model.DriftDetected)]
+    if found:
+        return "; ".join(
+            f"version {e.originator_version}: {e.detector} fired at prediction {e.at_prediction} (action: {e.action})"
+            for e in found
+        )
+    if not detectors:
+        return "no drift detector is configured in this model's policy, so none could fire"
+    return f"the configured detectors ({', '.join(detectors)}) did not fire"
+
+
+def gate_summary(model: Model) -> str:
+    """What every applied update was checked against, from the model's policy."""
+    p = model.spec.policy
+    checks = ["finite parameters after the step"]
+    if p.max_update_norm > 0:
+        checks.append(f"update norm at most {p.max_update_norm:g}")
+    if p.weight_bound > 0:
+        checks.append(f"every weight within ±{p.weight_bound:g}")
+    if p.feature_bounds:
+        checks.append("the declared per-feature envelope")
+    if p.holdout_fraction > 0:
+        checks.append(
+            f"holdout loss shown within {p.gate_tolerance:g} of the current version's"
+            + (f" and of the version {p.gate_anchor_lag} updates back" if p.gate_anchor_lag else "")
+            + f" (paired t-test at {p.gate_alpha:g}, {p.holdout_fraction:.0%} of labels held out)"
+        )
+    return "every applied update passed the learner's gate: " + "; ".join(checks)
+
+
 def describe_event(event: Any) -> str:
     """How a model version came to be, in a few plain words."""
     match event:
@@ -199,4 +232,14 @@ def describe_event(event: Any) -> str:
             return f"a pause ({reason}; state unchanged)"
         case Model.Resumed(reason=reason):
             return f"a resume ({reason}; state unchanged)"
+        case Model.DriftDetected(detector=detector, action=action):
+            return f"a drift detection by {detector} (action: {action}; state unchanged)"
+        case Model.Rebaselined(prediction_ids=ids, epochs=epochs):
+            return f"a rebaseline: re-fit on {len(ids)} examples × {epochs} epochs (a rollout candidate)"
+        case Model.RolloutAdvanced(fraction=fraction):
+            return f"a rollout step to {fraction:.0%} of traffic"
+        case Model.RolloutAborted(to_version=target, reason=reason):
+            return f"an aborted rollout: back to version {target}'s state ({reason})"
+        case Model.RolloutCompleted(to_version=target):
+            return f"a completed rollout: version {target}'s state serves all traffic"
     return type(event).__name__

@@ -23,7 +23,7 @@ from domain.model import Model
 from domain.seal import SEALS_ID, LogSeals
 from projections.audit_log import feedback, served_predictions
 from projections.digest import state_digest
-from projections.lineage import describe_event
+from projections.lineage import describe_event, drift_summary, gate_summary
 from projections.performance import performance_by_version
 from projections.refold import Refolder, param_layout, params_vector
 from projections.replay import Replayer, ReplayError
@@ -107,14 +107,14 @@ def model_report(ledger: Ledger, replayer: Replayer, model_name: str, start: dat
         "versions": table,
         "gate": {
             "rejected": [_rejected(e) for e in in_period if isinstance(e, Model.UpdateRejected)],
-            "note": "every applied update passed the learner's gate (finite parameters after the step)",
+            "note": gate_summary(model),
         },
-        "drift": "no drift detector records events yet: none can be reported",
+        "drift": drift_summary(model, in_period),
         "operations": [
             _operation(e) for e in in_period if isinstance(e, (Model.Paused, Model.Resumed, Model.RolledBack))
         ],
         "envelope": {
-            "declared": None,
+            "declared": _declared_envelope(model),
             "hyperparameters": _hyperparameters(model),
             "max_update_norm": max((c["update_norm"] for c in observed), default=None),
             "max_abs_weight_change": max((c["max_abs_weight_change"] for c in observed), default=None),
@@ -175,6 +175,18 @@ def _version_row(
         "max_abs_weight_change": (change or {}).get("max_abs_weight_change"),
         "params_digest": (change or {}).get("digest") or getattr(event, "digest", None) or model.digest,
     }
+
+
+def _declared_envelope(model: Model) -> dict[str, Any] | None:
+    p = model.spec.policy
+    declared: dict[str, Any] = {}
+    if p.max_update_norm > 0:
+        declared["max_update_norm"] = p.max_update_norm
+    if p.weight_bound > 0:
+        declared["weight_bound"] = p.weight_bound
+    if p.feature_bounds:
+        declared["feature_bounds"] = {name: [low, high] for name, low, high in p.feature_bounds}
+    return declared or None
 
 
 def _hyperparameters(model: Model) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from domain.model import Model
 from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.learners import LearnerState, make_batch, make_learner
+from projections.rebaseline import refit
 from projections.replay import PREFETCH_UPDATES, Replayer, UnknownEventError, examples_for
 
 MAX_EXACT_SLOTS = 2**24  # float32 holds every integer below this exactly (the slot probe)
@@ -105,7 +106,7 @@ class Refolder:
         last = self.head_version if end is None else end
         state = self.state_at(start) if start_state is None else start_state
         window = self.events[start:last]
-        targets = {e.to_version for e in window if isinstance(e, Model.RolledBack)}
+        targets = {e.to_version for e in window if isinstance(e, (Model.RolledBack, Model.RolloutAborted))}
         kept: dict[int, LearnerState] = {start: state} if start in targets else {}
         spec = self.model.spec
         for index, event in enumerate(window, start=start):
@@ -113,7 +114,8 @@ class Refolder:
             used: tuple[UUID, ...] = ()
             dropped, skipped = 0, False
             match event:
-                case Model.UpdateApplied(prediction_ids=ids):
+                case Model.UpdateApplied(prediction_ids=ids, replayed_ids=replayed):
+                    ids = (*ids, *replayed)
                     used = tuple(pid for pid in ids if pid not in exclude)
                     dropped = len(ids) - len(used)
                     if used:
@@ -121,9 +123,21 @@ class Refolder:
                         state, _ = self.learner.update_step(state, make_batch(spec, x, y))
                     else:
                         skipped = True
-                case Model.RolledBack(to_version=target):
+                case Model.Rebaselined(prediction_ids=ids, epochs=epochs):
+                    used = tuple(pid for pid in ids if pid not in exclude)
+                    dropped = len(ids) - len(used)
+                    x, y = self.batch_examples(used, index)
+                    state = refit(spec, self.learner, x, y, epochs)
+                case Model.RolledBack(to_version=target) | Model.RolloutAborted(to_version=target):
                     state = kept[target] if target in kept else self.state_at(target)
-                case Model.UpdateRejected() | Model.Paused() | Model.Resumed():
+                case (
+                    Model.UpdateRejected()
+                    | Model.Paused()
+                    | Model.Resumed()
+                    | Model.DriftDetected()
+                    | Model.RolloutAdvanced()
+                    | Model.RolloutCompleted()
+                ):
                     pass
                 case _:
                     raise UnknownEventError(f"version {version}: no fold rule for {type(event).__name__}")

@@ -20,6 +20,8 @@ from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.digest import state_digest, state_from_bytes, state_to_bytes
 from projections.learners import Learner, LearnerState, make_batch, make_learner
+from projections.rebaseline import refit
+from projections.safety import Example, SafetyContext, evaluate_gate
 from projections.store import LedgerRecorder
 
 PREFETCH_UPDATES = 64
@@ -141,9 +143,11 @@ class Replayer:
         report = VerifyReport(model=head.name, versions_checked=0, updates_replayed=0)
         report.platform_differences = platform_differences(head.platform)
         events = self.ledger.get_model_events(model_id)
+        auditor = SafetyAuditor(self.ledger, head, learner) if head.spec.policy.stateful else None
+        before: LearnerState | None = None
         try:
             folds = self._fold(learner, head, events, None, check=False, use_snapshots=False)
-            for folded, event in zip(folds, events, strict=True):
+            for index, (folded, event) in enumerate(zip(folds, events, strict=True)):
                 recorded = _recorded_digest(event)
                 report.versions_checked += 1
                 if isinstance(event, Model.UpdateApplied):
@@ -151,6 +155,11 @@ class Replayer:
                 if recorded is not None and recorded != folded.digest:
                     report.divergence = Divergence(folded.version, type(event).__name__, recorded, folded.digest)
                     return report
+                problem = auditor.check(events, index, before, folded.state) if auditor is not None else None
+                if problem is not None:
+                    report.divergence = Divergence(folded.version, type(event).__name__, "", problem)
+                    return report
+                before = folded.state
         except ReplayError as exc:
             report.divergence = Divergence(report.versions_checked + 1, "ReplayError", "", str(exc))
         return report
@@ -176,16 +185,29 @@ class Replayer:
             match event:
                 case Model.Registered():
                     state = learner.init()
-                case Model.UpdateApplied(prediction_ids=ids):
+                case Model.UpdateApplied(prediction_ids=ids, replayed_ids=replayed):
                     if state is None:
                         raise ReplayError(f"version {version}: an update before registration")
                     if ids[0] not in prefetched:
                         prefetched = self._prefetch(events, index)
-                    x, y = examples_for(self.ledger, model_id, head.spec, ids, prefetched)
+                    x, y = examples_for(self.ledger, model_id, head.spec, (*ids, *replayed), prefetched)
                     state, _ = learner.update_step(state, make_batch(head.spec, x, y))
-                case Model.RolledBack(to_version=target):
+                case Model.Rebaselined(prediction_ids=ids, epochs=epochs):
+                    if ids[0] not in prefetched:
+                        prefetched = self._prefetch(events, index)
+                    x, y = examples_for(self.ledger, model_id, head.spec, ids, prefetched)
+                    state = refit(head.spec, learner, x, y, epochs)
+                case Model.RolledBack(to_version=target) | Model.RolloutAborted(to_version=target):
                     state = self.state_at(model_id, target, use_snapshots=use_snapshots).state
-                case Model.UpdateRejected() | Model.Paused() | Model.Resumed():
+                case Model.RolloutCompleted():
+                    pass  # the candidate's state is the head state already
+                case (
+                    Model.UpdateRejected()
+                    | Model.Paused()
+                    | Model.Resumed()
+                    | Model.DriftDetected()
+                    | Model.RolloutAdvanced()
+                ):
                     pass
                 case _:
                     raise UnknownEventError(f"version {version}: no fold rule for {type(event).__name__}")
@@ -204,20 +226,142 @@ class Replayer:
     def _prefetch(self, events: Sequence[Any], index: int) -> dict[UUID, Prediction]:
         # One query for the examples of the next PREFETCH_UPDATES updates instead of one
         # per update: reading, not computing, bounds replay speed.
-        ids: list[UUID] = []
-        taken = 0
-        for event in events[index:]:
-            if isinstance(event, Model.UpdateApplied):
-                ids.extend(event.prediction_ids)
-                taken += 1
-                if taken >= PREFETCH_UPDATES:
-                    break
-        return self.ledger.get_predictions(ids)
+        return self.ledger.get_predictions(_ids_ahead(events, index))
+
+
+def _ids_ahead(events: Sequence[Any], index: int) -> list[UUID]:
+    # Every prediction the next PREFETCH_UPDATES example-carrying events name.
+    ids: list[UUID] = []
+    taken = 0
+    for event in events[index:]:
+        if isinstance(event, (Model.UpdateApplied, Model.UpdateRejected)):
+            ids.extend(event.prediction_ids)
+            ids.extend(event.holdout_ids)
+            ids.extend(event.replayed_ids)
+        elif isinstance(event, Model.Rebaselined):
+            ids.extend(event.prediction_ids)
+        else:
+            continue
+        taken += 1
+        if taken >= PREFETCH_UPDATES:
+            break
+    return ids
 
 
 def _recorded_digest(event: Any) -> str | None:
     if isinstance(event, Model.Registered):
         return event.initial_digest
-    if isinstance(event, (Model.UpdateApplied, Model.RolledBack)):
+    if isinstance(
+        event,
+        (Model.UpdateApplied, Model.RolledBack, Model.Rebaselined, Model.RolloutAborted, Model.RolloutCompleted),
+    ):
         return event.digest
     return None
+
+
+def _example(prediction: Prediction) -> Example:
+    assert prediction.label is not None
+    return Example(
+        prediction.id, tuple(prediction.features), float(prediction.label), prediction.score, prediction.decision
+    )
+
+
+class SafetyAuditor:
+    """Re-derives, during a verify, every gate verdict, replay choice and drift detection.
+
+    Fed the events in order with the states before and after each; the first event
+    whose recorded decision differs from the re-derived one is returned as a divergence.
+    """
+
+    def __init__(self, ledger: Ledger, head: Model, learner: Learner):
+        self.ledger = ledger
+        self.spec = head.spec
+        self.learner = learner
+        self.context = SafetyContext(head.spec)
+        self.expected_drift: tuple[str, UUID] | None = None
+        self.known: dict[UUID, Prediction] = {}
+
+    def check(self, events: Sequence[Any], index: int, before: LearnerState | None, after: LearnerState) -> str | None:
+        """The reason event ``index`` does not re-derive, or None."""
+        event = events[index]
+        if self.expected_drift is not None:
+            detector, at = self.expected_drift
+            self.expected_drift = None
+            if not (isinstance(event, Model.DriftDetected) and (event.detector, event.at_prediction) == (detector, at)):
+                return f"re-derived drift detection ({detector} at prediction {at}) is not recorded here"
+            return None
+        if isinstance(event, Model.DriftDetected):
+            return "a drift detection that the detectors do not re-derive"
+        if not isinstance(event, (Model.UpdateApplied, Model.UpdateRejected)) or before is None:
+            return None
+        ids = (*event.prediction_ids, *event.holdout_ids, *event.replayed_ids)
+        if any(pid not in self.known for pid in ids):
+            self.known = self.ledger.get_predictions(_ids_ahead(events, index))
+        trained = [_example(self.known[pid]) for pid in event.prediction_ids]
+        holdout = [_example(self.known[pid]) for pid in event.holdout_ids]
+        chosen = self.context.replay.choose(int(before.step) + 1, self.spec.batch_size)
+        if tuple(e.prediction_id for e in chosen) != event.replayed_ids:
+            return "the replay buffer's choice does not re-derive"
+        accepted = isinstance(event, Model.UpdateApplied)
+        candidate = after
+        finite = True
+        if not accepted:
+            rows = [*trained, *chosen]
+            x = np.asarray([e.features for e in rows], dtype=np.float64)
+            y = np.asarray([e.label for e in rows], dtype=np.float64)
+            candidate, metrics = self.learner.update_step(before, make_batch(self.spec, x, y))
+            summary = [float(v) for v in np.asarray(metrics["summary"])]
+            finite = summary[3] == 1.0 and all(np.isfinite(summary[:2]))
+        self.context.holdout.extend(holdout)
+        hx, hy = self.context.holdout_arrays()
+        verdict = evaluate_gate(self.spec, self.learner, before, candidate, finite, hx, hy, self.context.anchor())
+        recorded_reason = event.reason if isinstance(event, Model.UpdateRejected) else ""
+        figures = {k: v if np.isfinite(v) else -1.0 for k, v in verdict.figures.items()}
+        if verdict.accepted != accepted or verdict.reason != recorded_reason or (figures or None) != event.gate:
+            return f"gate verdict does not re-derive (replayed: {verdict.reason or 'accepted'})"
+        found = self.context.after_update(trained, holdout, accepted, after if accepted else before)
+        if found is not None:
+            self.expected_drift = (found.detector, found.at_prediction)
+        return None
+
+
+def safety_context_at(ledger: Ledger, model: Model, replayer: Replayer | None = None) -> SafetyContext:
+    """The safety context a learner continues from at the model's head (no JAX steps).
+
+    Windows are filled from the newest events backwards; the detectors are fed from the
+    update after the last detection (a detection resets them).
+    """
+    context = SafetyContext(model.spec)
+    policy = model.spec.policy
+    if not policy.stateful:
+        return context
+    events = ledger.get_model_events(model.id)
+    updates = [e for e in events if isinstance(e, (Model.UpdateApplied, Model.UpdateRejected))]
+    last_drift = max((i for i, e in enumerate(events) if isinstance(e, Model.DriftDetected)), default=-1)
+    watched = [e for e in events[last_drift + 1 :] if isinstance(e, (Model.UpdateApplied, Model.UpdateRejected))]
+    wanted: list[UUID] = []
+    holdout_ids = [pid for e in updates for pid in e.holdout_ids][-policy.holdout_size :]
+    trained_ids = [pid for e in updates for pid in e.prediction_ids][-(context.recent.maxlen or 0) :]
+    pool_ids = [pid for e in updates if isinstance(e, Model.UpdateApplied) for pid in e.prediction_ids][
+        -policy.replay_pool :
+    ]
+    wanted.extend(holdout_ids)
+    wanted.extend(trained_ids)
+    if policy.replay_fraction > 0.0:
+        wanted.extend(pool_ids)
+    if policy.drift_detectors:
+        for e in watched:
+            wanted.extend(e.prediction_ids)
+            wanted.extend(e.holdout_ids)
+    known = ledger.get_predictions(dict.fromkeys(wanted))
+    context.holdout.extend(_example(known[pid]) for pid in holdout_ids)
+    context.recent.extend(_example(known[pid]) for pid in trained_ids)
+    if policy.replay_fraction > 0.0:
+        context.replay.extend(_example(known[pid]) for pid in pool_ids)
+    if policy.drift_detectors:
+        for e in watched:
+            context.drift.observe([_example(known[pid]) for pid in (*e.prediction_ids, *e.holdout_ids)])
+    if policy.holdout_fraction > 0.0 and policy.gate_anchor_lag > 0 and replayer is not None:
+        for e in updates[-policy.gate_anchor_lag :]:
+            context.heads.append(replayer.state_at(model.id, e.originator_version).state)
+    return context

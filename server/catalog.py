@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import numpy as np
@@ -33,11 +34,40 @@ class ServedModel:
     digest: str
     state: LearnerState
     paused: bool
+    # During a rollout: the candidate version's state serves ``fraction`` of traffic,
+    # chosen by prediction id (``projections.rollout.routes_to_candidate``).
+    candidate: ServedModel | None = None
+    fraction: float = 0.0
 
     @property
     def learner(self) -> Learner:
         """The spec's pure functions (cached per spec by ``make_learner``)."""
         return make_learner(self.spec)
+
+
+def served_from_log(replayer: Any, model: Model) -> ServedModel:
+    """What serves ``model`` per the log: its head, or during a rollout the champion
+    (recorded as the serving version) with the candidate beside it."""
+    rollout = model.rollout
+    if rollout is None:
+        folded = replayer.state_at(model.id, model.version)
+        return ServedModel(model.id, model.name, model.spec, model.version, folded.digest, folded.state, model.paused)
+    champion = replayer.state_at(model.id, model.serving_version)
+    candidate = replayer.state_at(model.id, rollout.candidate_version)
+    arm = ServedModel(
+        model.id, model.name, model.spec, rollout.candidate_version, candidate.digest, candidate.state, model.paused
+    )
+    return ServedModel(
+        model.id,
+        model.name,
+        model.spec,
+        model.serving_version,
+        champion.digest,
+        champion.state,
+        model.paused,
+        candidate=arm,
+        fraction=rollout.fraction,
+    )
 
 
 class ModelCatalog:
@@ -67,10 +97,8 @@ class ModelCatalog:
         return served
 
     def load(self, model: Model) -> ServedModel:
-        """Fold the model's head state from the log and publish it."""
-        folded = self.service.replayer.state_at(model.id, model.version)
-        served = ServedModel(model.id, model.name, model.spec, model.version, folded.digest, folded.state, model.paused)
-        return self.publish(served)
+        """Fold the model's serving state (and a rollout's candidate) from the log and publish it."""
+        return self.publish(served_from_log(self.service.replayer, model))
 
     def publish(self, served: ServedModel) -> ServedModel:
         """Serve ``served`` unless a newer version is served already; returns the winner.

@@ -25,7 +25,7 @@ from domain.errors import LedgerError
 from domain.prediction import Prediction
 from projections.learning import LabeledExample, ModelLearner
 from server.catalog import ModelCatalog, ServedModel
-from server.learning_steps import drain, save_snapshots
+from server.learning_steps import ServedFacts, drain, load_learner, save_snapshots, served_facts
 from server.log_reader import labeled_position, labels_after
 from server.services import LedgerService
 from server.writer import GroupCommitWriter
@@ -58,7 +58,8 @@ class LearnerLoop:
         # Features of recently committed predictions: labels usually follow soon, and
         # this saves the read of the Made event they need (features as used).
         # Keyed by the id's 128-bit int (UUID.__hash__ is Python code; this runs per event).
-        self._features: OrderedDict[int, tuple[float, ...]] = OrderedDict()
+        # Served facts (features, score, decision) of recent predictions, by id.
+        self._features: OrderedDict[int, ServedFacts] = OrderedDict()
         self._features_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="learner-loop", daemon=True)
         self.steps_committed = 0
@@ -107,7 +108,12 @@ class LearnerLoop:
         with self._features_lock:
             for event in events:
                 if isinstance(event, Prediction.Made):
-                    self._features[event.originator_id.int] = event.features
+                    self._features[event.originator_id.int] = (
+                        event.features,
+                        event.score,
+                        event.decision,
+                        event.routing,
+                    )
                 elif isinstance(event, Prediction.Labeled) and event.in_window:
                     labels.append(event)
             while len(self._features) > FEATURE_CACHE_SIZE:
@@ -167,8 +173,8 @@ class LearnerLoop:
             features = {e.originator_id.int: pop(e.originator_id.int, None) for e in labels}
         missing = [e.originator_id for e in labels if features[e.originator_id.int] is None]
         if missing:
-            for pid, prediction in self.ledger.get_predictions(missing).items():
-                features[pid.int] = tuple(prediction.features)
+            for pid, facts in served_facts(self.ledger, missing).items():
+                features[pid.int] = facts
         touched: dict[UUID, None] = {}
         for event in labels:
             learner = self.learners.get(event.model_id) or self._load(event.model_id)
@@ -176,7 +182,7 @@ class LearnerLoop:
             if found is None:  # cannot happen for a committed label; never learn a guess
                 log.error("no features for labeled prediction %s; not learned", event.originator_id)
                 continue
-            learner.add(_example(event.originator_id, found, event.label))
+            learner.add(_example(event.originator_id, found, event.label))  # found: features, score, decision
             touched[event.model_id] = None
         return list(touched)
 
@@ -204,11 +210,9 @@ class LearnerLoop:
     # --- loading --------------------------------------------------------------------------------
 
     def _load(self, model_id: UUID) -> ModelLearner:
-        model = self.ledger.get_model_by_id(model_id)
-        folded = self.service.replayer.state_at(model.id, model.version)
-        learner = ModelLearner(model, folded.state)
+        learner = load_learner(self.ledger, self.service.replayer, model_id)
         learner.warm_up()
-        self.learners[model.id] = learner
+        self.learners[model_id] = learner
         self._publish(learner)
         return learner
 
@@ -225,15 +229,47 @@ class LearnerLoop:
         return served
 
     def _publish(self, learner: ModelLearner) -> None:
-        model = learner.model
-        self.catalog.publish(
-            ServedModel(model.id, model.name, model.spec, learner.version, learner.digest, learner.state, model.paused)
+        self.catalog.publish(served_by(learner))
+
+
+def served_by(learner: ModelLearner) -> ServedModel:
+    """What a learner's model serves now: its head, or during a rollout the champion with
+    the candidate (the learner's head state) beside it."""
+    model = learner.model
+    rollout = model.rollout
+    if rollout is None or learner.champion is None:
+        return ServedModel(
+            model.id, model.name, model.spec, learner.version, learner.digest, learner.state, model.paused
         )
+    state, digest = learner.champion
+    arm = ServedModel(
+        model.id, model.name, model.spec, rollout.candidate_version, learner.digest, learner.state, model.paused
+    )
+    return ServedModel(
+        model.id,
+        model.name,
+        model.spec,
+        model.serving_version,
+        digest,
+        state,
+        model.paused,
+        candidate=arm,
+        fraction=rollout.fraction,
+    )
 
 
-def _example(prediction_id: UUID, features: tuple[float, ...], label: float) -> LabeledExample:
+def _example(prediction_id: UUID, served: ServedFacts, label: float) -> LabeledExample:
     # Equal to LabeledExample(...) field for field, without the frozen dataclass's
     # __init__ (one object.__setattr__ per field: ~10% of this loop at 15k labels/s).
     example = object.__new__(LabeledExample)
-    example.__dict__.update(prediction_id=prediction_id, features=features, label=label, received=0.0)
+    features, score, decision, routing = served
+    example.__dict__.update(
+        prediction_id=prediction_id,
+        features=features,
+        label=label,
+        received=0.0,
+        score=score,
+        decision=decision,
+        routing=routing,
+    )
     return example

@@ -26,7 +26,19 @@ from server.log_reader import labeled_position
 # Every event that changes what a model serves or whether it learns (Registered only
 # creates the stream, which a reader loads on first use).
 MODEL_CHANGE_TOPICS = tuple(
-    get_topic(cls) for cls in (Model.UpdateApplied, Model.UpdateRejected, Model.RolledBack, Model.Paused, Model.Resumed)
+    get_topic(cls)
+    for cls in (
+        Model.UpdateApplied,
+        Model.UpdateRejected,
+        Model.RolledBack,
+        Model.Paused,
+        Model.Resumed,
+        Model.DriftDetected,
+        Model.Rebaselined,
+        Model.RolloutAdvanced,
+        Model.RolloutAborted,
+        Model.RolloutCompleted,
+    )
 )
 LABEL_TOPICS = (LABELED_TOPIC, DEFAULT_LABELED_TOPIC)
 
@@ -101,15 +113,42 @@ def examples(
     """
     if not labels:
         return []
-    features = _features_of(ledger, [e.originator_id for e in labels])
+    served = served_facts(ledger, [e.originator_id for e in labels])
     # A committed label's prediction is committed: a missing one is a KeyError, never a guess.
-    return [LabeledExample(e.originator_id, features[e.originator_id], float(e.label), received) for e in labels]
+    out = []
+    for e in labels:
+        features, score, decision, routing = served[e.originator_id]
+        out.append(LabeledExample(e.originator_id, features, float(e.label), received, score, decision, routing))
+    return out
 
 
-def _features_of(ledger: Ledger, ids: list[UUID]) -> dict[UUID, tuple[float, ...]]:
+ServedFacts = tuple[tuple[float, ...], float, float, str]
+
+
+def served_facts(ledger: Ledger, ids: list[UUID]) -> dict[UUID, ServedFacts]:
+    """Features, score, decision and routing of committed predictions, as ``Prediction.Made`` recorded them."""
     recorder: Any = ledger.recorder
     if isinstance(recorder, LedgerRecorder):
         states = recorder.select_states(ids, 1)
-        # The state is the Made event's orjson encoding; floats round-trip exactly.
-        return {pid: tuple(float(v) for v in orjson.loads(state)["features"]) for pid, state in states.items()}
-    return {pid: tuple(p.features) for pid, p in ledger.get_predictions(ids).items()}
+        out = {}
+        for pid, state in states.items():
+            # The state is the Made event's orjson encoding; floats round-trip exactly.
+            made = orjson.loads(state)
+            features = tuple(float(v) for v in made["features"])
+            out[pid] = (features, float(made["score"]), float(made["decision"]), str(made["routing"]))
+        return out
+    return {pid: (tuple(p.features), p.score, p.decision, p.routing) for pid, p in ledger.get_predictions(ids).items()}
+
+
+def load_learner(ledger: Ledger, replayer: Any, model_id: UUID) -> ModelLearner:
+    """A model's learner at its head: state by replay (snapshots allowed), plus the safety
+    context the gate, drift detectors and replay buffer need, rebuilt from the log.
+
+    Every learner (in ``serve``, in ``learn``, in ``simulate``) is built here, so they all
+    continue the same deterministic fold that ``audit verify`` replays.
+    """
+    model = ledger.get_model_by_id(model_id)
+    folded = replayer.state_at(model.id, model.version)
+    learner = ModelLearner(model, folded.state)
+    learner.restore(ledger, replayer)
+    return learner

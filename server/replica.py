@@ -33,6 +33,9 @@ from server.services import LedgerService
 
 log = logging.getLogger(__name__)
 
+# Events after which what serves is re-read from the log rather than stepped.
+_RELOAD_ON = (Model.Rebaselined, Model.RolloutAdvanced, Model.RolloutAborted, Model.RolloutCompleted)
+
 FAILURE_BACKOFF_S = 1.0
 
 
@@ -125,7 +128,9 @@ class ReplicaFollower:
 
     def _fold_page(self, events: list[Any]) -> None:
         # One read of every prediction the page's updates learned from.
-        ids = [pid for e in events if isinstance(e, Model.UpdateApplied) for pid in e.prediction_ids]
+        ids = [
+            pid for e in events if isinstance(e, Model.UpdateApplied) for pid in (*e.prediction_ids, *e.replayed_ids)
+        ]
         known = self.ledger.get_predictions(ids) if ids else {}
         for event in events:
             self._fold(event, known)
@@ -145,7 +150,8 @@ class ReplicaFollower:
         version = event.originator_version
         if version <= served.version:
             return  # published already (by this process's own learner, or a reload)
-        if version != served.version + 1:
+        if version != served.version + 1 or served.candidate is not None or isinstance(event, _RELOAD_ON):
+            # A gap, or a rollout event (two states serve): fold the whole picture afresh.
             self._load(self.ledger.get_model_by_id(served.model_id))
             return
         try:
@@ -162,8 +168,8 @@ class ReplicaFollower:
         from projections.replay import ReplayError
 
         match event:
-            case Model.UpdateApplied(prediction_ids=ids):
-                x, y = examples_for(self.ledger, served.model_id, served.spec, ids, known)
+            case Model.UpdateApplied(prediction_ids=ids, replayed_ids=replayed):
+                x, y = examples_for(self.ledger, served.model_id, served.spec, (*ids, *replayed), known)
                 state, _ = served.learner.update_step(served.state, make_batch(served.spec, x, y))
                 digest = state_digest(state)
             case Model.RolledBack(to_version=target):
@@ -173,7 +179,7 @@ class ReplicaFollower:
                 return served.state, served.digest, True
             case Model.Resumed():
                 return served.state, served.digest, False
-            case _:  # UpdateRejected: the served state did not change
+            case _:  # UpdateRejected, DriftDetected: the served state did not change
                 return served.state, served.digest, served.paused
         if digest != event.digest:
             raise ReplayError(f"replayed digest {digest} differs from recorded {event.digest}")

@@ -157,8 +157,9 @@ class LedgerService:
         with self._lock:
             live = self._learners.get(model.id)
             if live is None or live.version != model.version:
-                folded = self.replayer.state_at(model.id)
-                live = ModelLearner(model, folded.state)
+                from server.learning_steps import load_learner
+
+                live = load_learner(self.ledger, self.replayer, model.id)
                 live.warm_up()
                 self._learners[model.id] = live
             return live

@@ -27,6 +27,7 @@ from domain.ledger import LabelOutcome, LabelRequest, LabelStatus
 from domain.prediction import Prediction, check_same_prediction, make_prediction_event
 from domain.validation import require_features
 from projections.learners import decide_rows
+from projections.rollout import routes_to_candidate
 from server.catalog import SCORE_BLOCK, ModelCatalog, ServedModel
 from server.errors import ResourceExhaustedError, status_for
 from server.services import LedgerService
@@ -534,6 +535,8 @@ def _made_events(
     score_list: list[float] = scores.tolist()
     decision_list: list[float] = decisions.tolist()
     spec, model_id, version, digest = served.spec, served.model_id, served.version, served.digest
+    if served.candidate is not None:
+        return _rollout_events(served, model_name, rows, pids, score_list, decision_list, actor, now)
     events = [
         make_prediction_event(
             pid,
@@ -552,6 +555,51 @@ def _made_events(
         for pid, row, score, decision in zip(pids, rows, score_list, decision_list, strict=True)
     ]
     return events, Predictions(list(pids), score_list, decision_list, version, digest)
+
+
+def _rollout_events(
+    served: ServedModel,
+    model_name: str,
+    rows: list[tuple[float, ...]],
+    pids: list[UUID],
+    scores: list[float],
+    decisions: list[float],
+    actor: str,
+    now: datetime,
+) -> tuple[list[Prediction.Made], Predictions]:
+    """During a rollout: rows whose id routes to the candidate are re-scored with its
+    state and recorded with its version and digest (routing ``candidate``); the rest are
+    the champion's control traffic (routing ``control``)."""
+    candidate = served.candidate
+    assert candidate is not None
+    chosen = [i for i, pid in enumerate(pids) if routes_to_candidate(pid, served.fraction)]
+    versions = [served.version] * len(pids)
+    digests = [served.digest] * len(pids)
+    routing = ["control"] * len(pids)
+    if chosen:
+        proba = candidate.learner.predict_proba(candidate.state, np.asarray([rows[i] for i in chosen], np.float64))
+        c_scores, c_decisions = decide_rows(candidate.spec, proba)
+        for j, i in enumerate(chosen):
+            scores[i], decisions[i] = float(c_scores[j]), float(c_decisions[j])
+            versions[i], digests[i], routing[i] = candidate.version, candidate.digest, "candidate"
+    events = [
+        make_prediction_event(
+            pids[i],
+            model_id=served.model_id,
+            model_name=model_name,
+            model_version=versions[i],
+            spec=served.spec,
+            features=rows[i],
+            score=scores[i],
+            decision=decisions[i],
+            params_digest=digests[i],
+            routing=routing[i],
+            actor=actor,
+            timestamp=now,
+        )
+        for i in range(len(pids))
+    ]
+    return events, Predictions(list(pids), scores, decisions, versions, digests)
 
 
 def _dedupe_keyed(

@@ -182,7 +182,15 @@ def run_simulation(
                 stats.late_labels += 1
                 continue
             source = pending[outcome.prediction_id]
-            learner.add(LabeledExample(outcome.prediction_id, source.features, outcome.event.label))
+            learner.add(
+                LabeledExample(
+                    outcome.prediction_id,
+                    source.features,
+                    outcome.event.label,
+                    score=source.score,
+                    decision=source.decision,
+                )
+            )
         for t in range(i, j):
             for k in deliveries[t]:
                 del made[k]
@@ -194,7 +202,7 @@ def run_simulation(
                     stats.updates += 1
                     if ev.originator_version % service.snapshot_interval == 0:
                         snapshots_due.append((ev.originator_version, learner.state, learner.digest))
-                else:
+                elif type(ev).__name__ == "UpdateRejected":
                     stats.rejected_updates += 1
         if len(pending_events) >= commit_every:
             commit()

@@ -51,7 +51,8 @@ def test_pre_encoded_batch_reply_with_mixed_versions_falls_back() -> None:
 def test_fast_built_values_equal_constructed_ones() -> None:
     pid = uuid4()
     assert _outcome(pid, LabelStatus.LATE, None) == LabelOutcome(pid, LabelStatus.LATE, None)
-    assert _example(pid, (1.0, 2.0), 1.0) == LabeledExample(pid, (1.0, 2.0), 1.0)
+    served = ((1.0, 2.0), 0.7, 1.0, "control")
+    assert _example(pid, served, 1.0) == LabeledExample(pid, (1.0, 2.0), 1.0, 0.0, 0.7, 1.0, "control")
 
 
 def _made(pid: UUID, model_id: UUID, now: datetime) -> Prediction.Made:
