@@ -18,7 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from learnledger.v1 import ledger_pb2, ledger_pb2_grpc
 from server.auth import AuthInterceptor, TokenTable
 from server.catalog import ModelCatalog
+from server.dashboard import Dashboard
 from server.learner_loop import LearnerLoop
+from server.metrics import LedgerMetrics, MetricsEndpoint
+from server.metrics_interceptor import MetricsInterceptor
 from server.replica import ReplicaFollower
 from server.servicer import LedgerServicer
 from server.services import LedgerService
@@ -54,6 +57,11 @@ class ServerSettings:
             functions) out of the collector's sight and collect the young generation
             less often: the serving path allocates many short-lived containers and
             full collections over JAX's object graph cost ~5% of the server's CPU.
+        metrics_port: serve Prometheus ``/metrics`` on this port of ``host`` (0: a
+            free one); None serves no endpoint (the metrics are still kept).
+        http_port: serve the read-only operator dashboard (``server.dashboard``) on
+            this port of ``host`` (0: a free one), with the same tokens and TLS files
+            as gRPC; None serves none.
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +75,8 @@ class ServerSettings:
     workers: int = 128
     max_batch_events: int = 1000
     tune_gc: bool = True
+    metrics_port: int | None = None
+    http_port: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +102,14 @@ class LedgerServer:
         self.replica = ReplicaFollower(service, self.catalog) if settings.follow_log else None
         if self.learner is not None:
             self.writer.add_listener(self.learner.on_commit)
+        # --- metrics (server.metrics): lag only where this process's learner takes labels
+        self.metrics = LedgerMetrics(
+            lambda model_id: service.ledger.get_model_by_id(model_id).name, track_lag=settings.learner
+        )
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self.dashboard: Dashboard | None = None
+        self.writer.on_transaction = self.metrics.observe_commit
+        self.writer.add_listener(self.metrics.events.observe)
         self.serving = ServingService(service, self.writer, self.catalog)
         self.health = health.HealthServicer()
         options = [
@@ -101,7 +119,8 @@ class LedgerServer:
         ]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(settings.tokens)],
+            # Metrics first: it also counts the calls auth refuses.
+            interceptors=[MetricsInterceptor(self.metrics), AuthInterceptor(settings.tokens)],
             options=options,
             maximum_concurrent_rpcs=settings.workers * 8,
         )
@@ -134,6 +153,13 @@ class LedgerServer:
 
     def start(self) -> None:
         """Start the writer, recover and start the learner, then take traffic."""
+        # First: a port in use then fails the start before any thread runs.
+        if self.settings.metrics_port is not None:
+            self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.host, self.settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_endpoint.port)
+        # --- operator dashboard (server.dashboard): started and stopped with the server
+        if self.settings.http_port is not None:
+            self.dashboard = self._start_dashboard(self.settings.http_port)
         self.writer.start()
         if self.learner is not None:
             self.learner.recover()
@@ -157,6 +183,8 @@ class LedgerServer:
         """
         self.health.enter_graceful_shutdown()
         self.stopping.set()
+        if self.dashboard is not None:  # read-only: nothing of it needs to drain
+            self.dashboard.close()
         with self.catalog.changed:
             self.catalog.changed.notify_all()
         self.grpc.stop(grace).wait()
@@ -165,6 +193,8 @@ class LedgerServer:
         if self.replica is not None:
             self.replica.stop()
         self.writer.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         log.info(
             "learnledger stopped: %d events in %d transactions",
             self.writer.stats.events,
@@ -174,6 +204,14 @@ class LedgerServer:
     def wait(self) -> None:
         """Block until the gRPC server terminates."""
         self.grpc.wait_for_termination()
+
+    def _start_dashboard(self, port: int) -> Dashboard:
+        # Same interface, tokens and TLS files as gRPC: no weaker way in to the same data.
+        s = self.settings
+        tls = (s.tls_cert, s.tls_key) if s.tls_cert is not None and s.tls_key is not None else None
+        dashboard = Dashboard(self.service, self.host, port, s.tokens, tls=tls)
+        log.info("operator dashboard on %s/", dashboard.url)
+        return dashboard
 
 
 class _PreEncodedReplies:

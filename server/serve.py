@@ -40,6 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         learner=not args.no_learner,
+        metrics_port=args.metrics_port or None,  # 0: no /metrics endpoint
+        http_port=args.http_port or None,  # 0: no operator dashboard
     )
     # The writer thread returns from PostgreSQL and must get the GIL back from up to 128
     # RPC threads; at the default 5 ms switch interval every commit waits behind them

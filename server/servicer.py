@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ _OPTIONAL_SPEC_FIELDS = (
     "threshold",
     "feedback_window_s",
 )
+log = logging.getLogger(__name__)
 STREAM_CHUNK = 1024
 WATCH_POLL_S = 1.0
 
@@ -96,13 +98,18 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         out = self.serving.predict_rows(
             request.model, (request.features,), (request.prediction_id,), current_caller().name
         )
-        return pb.PredictResponse(
+        reply = pb.PredictResponse(
             prediction_id=str(out.ids[0]),
             score=out.scores[0],
             decision=out.decisions[0],
             model_version=out.versions()[0],
             params_digest=out.digests()[0],
         )
+        if log.isEnabledFor(logging.DEBUG):  # the hot path builds no log record otherwise
+            log.debug(
+                "predicted", extra={"rpc": "Predict", "model": request.model, "prediction_id": reply.prediction_id}
+            )
+        return reply
 
     @map_errors
     def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> bytes:
@@ -111,6 +118,13 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         out = self.serving.predict_rows(
             request.model, [r.features for r in rows], [r.prediction_id for r in rows], current_caller().name
         )
+        if log.isEnabledFor(logging.DEBUG):
+            ids = [str(i) for i in out.ids]
+            log.debug(
+                "predicted %d rows",
+                len(ids),
+                extra={"rpc": "PredictBatch", "model": request.model, "prediction_ids": ids},
+            )
         # Bytes: the server registers PredictBatch with a pass-through serializer.
         return predict_batch_bytes(out)
 

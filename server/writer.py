@@ -141,6 +141,8 @@ class GroupCommitWriter:
         self._cond = threading.Condition()
         self._closing = False
         self._listeners: list[CommitListener] = []
+        # Metrics hook: (events, seconds) of every committed transaction (server.metrics).
+        self.on_transaction: Callable[[int, float], None] | None = None
         self._last_keys: set[tuple[Any, int]] = set()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -324,7 +326,13 @@ class GroupCommitWriter:
         self.stats.transactions += 1
         self.stats.events += len(events)
         self.stats.submissions += len(batch)
-        self.stats.commit_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.commit_seconds += elapsed
+        if self.on_transaction is not None:
+            try:
+                self.on_transaction(len(events), elapsed)
+            except Exception:  # a metrics failure must not leave the callers waiting
+                log.exception("transaction observer failed")
         # Listeners first: the learner must see labels in commit order before any caller
         # that was acknowledged can submit something that depends on them.
         for listener in self._listeners:
