@@ -127,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
     p.add_argument("--no-learner", action="store_true", help="do not run the learner loop in this process")
+    _add_ops_flags(p, "the same host as gRPC")
 
     def serve(args: argparse.Namespace) -> int:
         from server.serve import cmd_serve
 
+        _configure_logs(args)
         return cmd_serve(args)
 
     p.set_defaults(handler=serve)
@@ -171,14 +173,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=0.5, help="log polling fallback in seconds (default 0.5)")
     p.add_argument("--sweep-interval", type=float, default=5.0, help="default-label sweep period, s; 0: off")
     p.add_argument("--seal-interval", type=float, default=60.0, help="seal the log every N seconds; 0: off")
+    p.add_argument("--workers", type=_positive_int, help="worker threads shared by all led models (default 2-4)")
     p.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    _add_ops_flags(p, "127.0.0.1")
 
     def learn(args: argparse.Namespace) -> int:
         from server.learn import cmd_learn
 
+        _configure_logs(args)
         return cmd_learn(args)
 
     p.set_defaults(handler=learn)
+
+    # --- portfolio: staged enablement (body in server.portfolio) ---
+    def _fraction(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not 0.0 <= number <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {value}")
+        return number
+
+    p = sub.add_parser("stage", help="let exactly a fraction of the models learn (pauses/resumes, on the record)")
+    p.add_argument("--fraction", type=_fraction, required=True, help="share of the models that learn, 0 to 1")
+    p.add_argument("--models", help="fnmatch pattern of the model names staged (default: all)")
+    p.add_argument("--reason", default="", help="why, appended to the recorded reason")
+    p.add_argument("--json", action="store_true")
+
+    def stage(args: argparse.Namespace) -> int:
+        from server.portfolio import cmd_stage
+
+        return cmd_stage(args)
+
+    p.set_defaults(handler=stage)
+
+    # --- end portfolio: staged enablement ---
 
     # --- time-travel audits (bodies in server.audit_commands) ---
     def _audit_handler(name: str) -> Callable[[argparse.Namespace], int]:
@@ -222,6 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="only this model (default: every model the labels belong to)")
     p.add_argument("--json", action="store_true", help="JSON, listing affected prediction ids (capped)")
     p.set_defaults(handler=_audit_handler("impact"))
+
+    # --- portfolio status and the operator dashboard (server.status_command, server.dashboard) ---
+    p = sub.add_parser("status", help="one line per model: state, freshness lag, recent loss, drift, rollout")
+    p.add_argument("--json", action="store_true", help='print one JSON object {"models": [...]}')
+
+    def status(args: argparse.Namespace) -> int:
+        from server.status_command import cmd_status
+
+        return cmd_status(args)
+
+    p.set_defaults(handler=status)
+    # Added here rather than beside serve's other flags, so this block stays self-contained.
+    sub.choices["serve"].add_argument(
+        "--http-port",
+        type=_non_negative_int,
+        default=0,
+        help="serve the read-only operator dashboard on this port of the gRPC host (default 0: off)",
+    )
+    # --- end of portfolio status and operator dashboard ---
     return parser
 
 
@@ -242,6 +291,25 @@ def _add_spec_flags(p: argparse.ArgumentParser, *, kind_required: bool = True) -
     p.add_argument("--batch-size", type=_positive_int, dest="batch_size")
     p.add_argument("--seed", type=int)
     p.add_argument("--spec", type=Path, help="JSON file with any of the spec fields")
+
+
+# --- operations flags of serve and learn (metrics endpoint, log format) ---
+def _add_ops_flags(p: argparse.ArgumentParser, metrics_host: str) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=_non_negative_int,
+        default=0,
+        help=f"serve Prometheus /metrics on this port of {metrics_host} (default 0: off)",
+    )
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="stderr log lines (default text)")
+
+
+def _configure_logs(args: argparse.Namespace) -> None:
+    # Text stays the commands' own basicConfig; JSON replaces it (basicConfig then no-ops).
+    if args.log_format == "json":
+        from server.logs import configure_logging
+
+        configure_logging("json")
 
 
 def _handler(name: str) -> Callable[[argparse.Namespace], int]:
