@@ -17,6 +17,7 @@ from eventsourcing.utils import get_topic
 from domain.errors import (
     ConcurrencyError,
     ConflictingLabelError,
+    InvalidArgumentError,
     ModelExistsError,
     ModelNotFoundError,
     PredictionNotFoundError,
@@ -170,6 +171,43 @@ class Ledger(Application):
             model.roll_back(to_version, target_digest, reason, actor)
 
         return self._change_model(name, roll_back)
+
+    def rebaseline_model(
+        self,
+        name: str,
+        prediction_ids: tuple[UUID, ...],
+        epochs: int,
+        window_s: float,
+        digest: str,
+        reason: str,
+        actor: str,
+        *,
+        at_version: int,
+    ) -> Model:
+        """Record a re-fit candidate computed from the model at ``at_version``.
+
+        Raises:
+            ConcurrencyError: the model changed since (recompute, then try again).
+        """
+
+        def rebaseline(model: Model) -> None:
+            if model.version != at_version:
+                raise ConcurrencyError(f"model {name!r} changed while the rebaseline was computed; try again")
+            model.rebaseline(prediction_ids, epochs, window_s, digest, reason, actor)
+
+        return self._change_model(name, rebaseline, attempts=1)
+
+    def abort_rollout_model(self, name: str, reason: str, actor: str) -> Model:
+        """Stop a model's rollout by hand; the champion's state is the head again."""
+
+        def abort(model: Model) -> None:
+            if not reason.strip():
+                raise InvalidArgumentError("aborting a rollout needs a reason")
+            rollout = model.rollout
+            digest = self.get_model_at(name, rollout.champion_version).digest if rollout is not None else ""
+            model.abort_rollout(reason, {}, digest, actor)
+
+        return self._change_model(name, abort)
 
     def _change_model(self, name: str, command: Callable[[Model], None], attempts: int = 5) -> Model:
         # Operator commands and the learner both append to the model's stream. On a

@@ -377,6 +377,7 @@ class Model(Aggregate):
     def _roll_back(self, to_version: int, reason: str, digest: str, actor: str) -> None:
         self.digest = digest
         self.rollbacks += 1
+        self.rollout = None  # a rollback ends any rollout: the target's state serves everything
         self.serving_version = self._next_version()
 
     @event(Paused)

@@ -40,6 +40,8 @@ METHOD_ROLES: dict[str, str | None] = {
     "Rollback": "operate",
     "Pause": "operate",
     "Resume": "operate",
+    "Rebaseline": "operate",
+    "AbortRollout": "operate",
 }
 
 

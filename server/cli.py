@@ -105,6 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_handler("rollback"))
 
+    # --- safety: rebaseline and rollout (bodies in server.rollout_commands) ---
+    from server.rollout_commands import parse_duration
+
+    p = sub.add_parser("rebaseline", help="re-fit on a recent window and roll the result out as a candidate")
+    p.add_argument("model")
+    p.add_argument("--window", type=parse_duration, required=True, help="e.g. 6h, 7d: examples trained on since")
+    p.add_argument("--epochs", type=_positive_int, help="passes over the window (default: the policy's)")
+    p.add_argument("--reason", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_rollout_handler("cmd_rebaseline"))
+    p = sub.add_parser("rollout", help="a model's canary rollout: status, or abort")
+    rollout = p.add_subparsers(dest="rollout_command", parser_class=_Parser, required=True)
+    q = rollout.add_parser("status", help="the stage, and every rebaseline/rollout event")
+    q.add_argument("model")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=_rollout_handler("cmd_rollout_status"))
+    q = rollout.add_parser("abort", help="stop the rollout; the champion serves all traffic again")
+    q.add_argument("model")
+    q.add_argument("--reason", required=True)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=_rollout_handler("cmd_rollout_abort"))
+    # --- end safety ---
+
     for name, text in (("pause", "stop learning"), ("resume", "start learning again")):
         p = sub.add_parser(name, help=text)
         p.add_argument("model")
@@ -317,6 +340,16 @@ def _handler(name: str) -> Callable[[argparse.Namespace], int]:
         from server import commands
 
         result: int = getattr(commands, f"cmd_{name}")(args)
+        return result
+
+    return run
+
+
+def _rollout_handler(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from server import rollout_commands
+
+        result: int = getattr(rollout_commands, name)(args)
         return result
 
     return run

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
+import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from domain.ids import new_prediction_id
@@ -130,8 +131,13 @@ class LedgerClient:
     # --- models -------------------------------------------------------------------------
 
     def register_model(self, name: str, spec: dict[str, Any]) -> pb.ModelInfo:
-        """Register a model; ``spec`` holds LearnerSpec fields (kind and n_features at least)."""
-        return self._call(self.stub.RegisterModel, pb.RegisterModelRequest(name=name, spec=pb.LearnerSpec(**spec)))
+        """Register a model; ``spec`` holds LearnerSpec fields (kind and n_features at least),
+        and optionally ``policy``: a mapping of SafetyPolicy fields."""
+        fields = dict(spec)
+        policy = fields.pop("policy", None)
+        if policy is not None:
+            fields["policy_json"] = orjson.dumps(policy).decode()
+        return self._call(self.stub.RegisterModel, pb.RegisterModelRequest(name=name, spec=pb.LearnerSpec(**fields)))
 
     def get_model(self, name: str) -> pb.ModelInfo:
         """A model's head: version, digest, paused, counts."""
@@ -231,6 +237,15 @@ class LedgerClient:
     def resume(self, model: str, reason: str) -> pb.ModelInfo:
         """Start learning again."""
         return self._call(self.stub.Resume, pb.ResumeRequest(model=model, reason=reason))
+
+    def rebaseline(self, model: str, window_s: float, reason: str = "", epochs: int = 0) -> pb.ModelInfo:
+        """Re-fit on the last ``window_s`` seconds' examples; the result starts a canary rollout."""
+        request = pb.RebaselineRequest(model=model, window_s=window_s, epochs=epochs, reason=reason)
+        return self._call(self.stub.Rebaseline, request)
+
+    def abort_rollout(self, model: str, reason: str) -> pb.ModelInfo:
+        """Stop a rollout; the champion serves all traffic again."""
+        return self._call(self.stub.AbortRollout, pb.AbortRolloutRequest(model=model, reason=reason))
 
     def explain(self, prediction_id: str) -> pb.ExplainResponse:
         """Why a past decision was made (the server replays the serving version)."""

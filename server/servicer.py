@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from domain.errors import InvalidArgumentError, LedgerError
+from domain.errors import InvalidArgumentError, InvalidSpecError, LedgerError
 from domain.ids import prediction_id_for
 from domain.ledger import LabelRequest, LabelStatus
 from domain.model import Model
@@ -274,6 +274,22 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         self._refresh(model)
         return model_info(model)
 
+    @map_errors
+    def Rebaseline(self, request: pb.RebaselineRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        """Re-fit on a recent window; the result serves as a canary candidate."""
+        model = self.service.rebaseline(
+            request.model, request.window_s, request.reason, current_caller().name, epochs=request.epochs or None
+        )
+        self._refresh(model)
+        return model_info(model)
+
+    @map_errors
+    def AbortRollout(self, request: pb.AbortRolloutRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        """Stop a rollout; the champion serves all traffic again."""
+        model = self.service.abort_rollout(request.model, request.reason, current_caller().name)
+        self._refresh(model)
+        return model_info(model)
+
     def _refresh(self, model: Model) -> None:
         # The reply waits until the new head serves, so a caller's next Predict sees it.
         if self.learner is not None:
@@ -295,6 +311,14 @@ def spec_from_proto(spec: pb.LearnerSpec) -> LearnerSpec:
     for name in _OPTIONAL_SPEC_FIELDS:
         if spec.HasField(name):
             values[name] = getattr(spec, name)
+    if spec.HasField("policy_json"):
+        try:
+            policy = orjson.loads(spec.policy_json)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidSpecError(f"policy_json is not valid JSON: {exc}") from None
+        if not isinstance(policy, dict):
+            raise InvalidSpecError("policy_json must be a JSON object")
+        values["policy"] = policy
     return LearnerSpec.from_dict(values)
 
 
@@ -305,6 +329,7 @@ def spec_to_proto(spec: LearnerSpec) -> pb.LearnerSpec:
     )
     for name in _OPTIONAL_SPEC_FIELDS:
         setattr(message, name, getattr(spec, name))
+    message.policy_json = orjson.dumps(spec.policy.to_dict()).decode()
     return message
 
 
@@ -321,6 +346,17 @@ def model_info(model: Model) -> pb.ModelInfo:
         updates_rejected=model.updates_rejected,
         rollbacks=model.rollbacks,
         steps=model.steps,
+        serving_version=model.serving_version,
+        drift_detections=model.drift_detections,
+        pause_reason=model.pause_reason,
+        rollout=None
+        if model.rollout is None
+        else pb.Rollout(
+            candidate_version=model.rollout.candidate_version,
+            champion_version=model.rollout.champion_version,
+            stage=model.rollout.stage,
+            fraction=model.rollout.fraction,
+        ),
     )
 
 

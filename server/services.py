@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import numpy as np
 
-from domain.errors import VersionNotFoundError
+from domain.errors import FailedPreconditionError, InvalidArgumentError, VersionNotFoundError
 from domain.ledger import Ledger
 from domain.model import Model
 from domain.spec import LearnerSpec
@@ -19,9 +19,14 @@ from projections.digest import state_digest, state_to_bytes
 from projections.learners import decide, make_learner
 from projections.learning import ModelLearner, Scored
 from projections.platform import platform_fingerprint
-from projections.replay import FoldedState, Replayer, VerifyReport
+from projections.rebaseline import refit
+from projections.replay import FoldedState, Replayer, VerifyReport, examples_for
 from projections.seals import SealReport, seal_log, verify_seals
 from projections.store import LedgerRecorder
+
+# A rebaseline records its example ids in one event: beyond this many it would be a
+# very large event, and a re-fit on the newest this-many is the useful part anyway.
+MAX_REBASELINE_EXAMPLES = 200_000
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,54 @@ class LedgerService:
                 live.reset_to(self.ledger.get_model(name), self.replayer.state_at(model.id, to_version).state)
         return model
 
+    def rebaseline(self, name: str, window_s: float, reason: str, actor: str, *, epochs: int | None = None) -> Model:
+        """Re-fit the model from its initial state on the examples it trained on in the last
+        ``window_s`` seconds (log order, ``epochs`` passes) and start the candidate's rollout.
+
+        Raises:
+            InvalidArgumentError: no trained examples in the window, bad window or epochs.
+            FailedPreconditionError: a rollout is in progress already.
+        """
+        if not window_s > 0:
+            raise InvalidArgumentError(f"the window must be a positive duration, got {window_s} s")
+        model = self.ledger.get_model(name)
+        epochs = model.spec.policy.rebaseline_epochs if epochs is None else epochs
+        if not 1 <= epochs <= 100:
+            raise InvalidArgumentError(f"epochs must be between 1 and 100, got {epochs}")
+        if model.rollout is not None:
+            raise FailedPreconditionError(f"model {name!r} has a rollout in progress")
+        cutoff = datetime.now(UTC) - timedelta(seconds=window_s)
+        ids: tuple[UUID, ...] = tuple(
+            dict.fromkeys(
+                pid
+                for e in self.ledger.get_model_events(model.id)
+                if isinstance(e, (Model.UpdateApplied, Model.UpdateRejected)) and e.timestamp >= cutoff
+                for pid in e.prediction_ids
+            )
+        )[-MAX_REBASELINE_EXAMPLES:]
+        if not ids:
+            raise InvalidArgumentError(f"model {name!r} trained on no examples in the last {window_s:g} s")
+        x, y = examples_for(self.ledger, model.id, model.spec, ids)
+        candidate = refit(model.spec, make_learner(model.spec), x, y, epochs)
+        model = self.ledger.rebaseline_model(
+            name,
+            ids,
+            epochs,
+            window_s,
+            state_digest(candidate),
+            reason or "rebaseline",
+            actor,
+            at_version=model.version,
+        )
+        self._drop_live(model.id)
+        return model
+
+    def abort_rollout(self, name: str, reason: str, actor: str) -> Model:
+        """Stop a rollout by hand; the champion serves everything again (recorded)."""
+        model = self.ledger.abort_rollout_model(name, reason, actor)
+        self._drop_live(model.id)
+        return model
+
     def pause(self, name: str, reason: str, actor: str) -> Model:
         """Pause learning (recorded)."""
         model = self.ledger.pause_model(name, reason, actor)
@@ -174,6 +227,12 @@ class LedgerService:
             live = self._learners.get(model.id)
             if live is not None:
                 live.model = self.ledger.get_model_by_id(model.id)
+
+    def _drop_live(self, model_id: UUID) -> None:
+        # The served states changed (a candidate, or the champion again): the next use
+        # rebuilds the live learner from the log, champion and candidate included.
+        with self._lock:
+            self._learners.pop(model_id, None)
 
 
 def _version_row(event: Any, digest: str) -> VersionRow:

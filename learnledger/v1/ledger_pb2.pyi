@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LearnerSpec(_message.Message):
-    __slots__ = ("kind", "n_features", "feature_names", "head", "n_classes", "hidden", "optimizer", "learning_rate", "l2", "batch_size", "seed", "standardize", "threshold", "feedback_window_s")
+    __slots__ = ("kind", "n_features", "feature_names", "head", "n_classes", "hidden", "optimizer", "learning_rate", "l2", "batch_size", "seed", "standardize", "threshold", "feedback_window_s", "policy_json")
     KIND_FIELD_NUMBER: _ClassVar[int]
     N_FEATURES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class LearnerSpec(_message.Message):
     STANDARDIZE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
     kind: str
     n_features: int
     feature_names: _containers.RepeatedScalarFieldContainer[str]
@@ -40,7 +41,8 @@ class LearnerSpec(_message.Message):
     standardize: bool
     threshold: float
     feedback_window_s: float
-    def __init__(self, kind: _Optional[str] = ..., n_features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., head: _Optional[str] = ..., n_classes: _Optional[int] = ..., hidden: _Optional[_Iterable[int]] = ..., optimizer: _Optional[str] = ..., learning_rate: _Optional[float] = ..., l2: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., standardize: _Optional[bool] = ..., threshold: _Optional[float] = ..., feedback_window_s: _Optional[float] = ...) -> None: ...
+    policy_json: str
+    def __init__(self, kind: _Optional[str] = ..., n_features: _Optional[int] = ..., feature_names: _Optional[_Iterable[str]] = ..., head: _Optional[str] = ..., n_classes: _Optional[int] = ..., hidden: _Optional[_Iterable[int]] = ..., optimizer: _Optional[str] = ..., learning_rate: _Optional[float] = ..., l2: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., standardize: _Optional[bool] = ..., threshold: _Optional[float] = ..., feedback_window_s: _Optional[float] = ..., policy_json: _Optional[str] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
     __slots__ = ("name", "spec")
@@ -61,7 +63,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "id", "version", "params_digest", "paused", "spec", "updates_applied", "updates_rejected", "rollbacks", "steps")
+    __slots__ = ("name", "id", "version", "params_digest", "paused", "spec", "updates_applied", "updates_rejected", "rollbacks", "steps", "serving_version", "drift_detections", "pause_reason", "rollout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,10 @@ class ModelInfo(_message.Message):
     UPDATES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     id: str
     version: int
@@ -82,7 +88,43 @@ class ModelInfo(_message.Message):
     updates_rejected: int
     rollbacks: int
     steps: int
-    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., version: _Optional[int] = ..., params_digest: _Optional[str] = ..., paused: _Optional[bool] = ..., spec: _Optional[_Union[LearnerSpec, _Mapping]] = ..., updates_applied: _Optional[int] = ..., updates_rejected: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    serving_version: int
+    drift_detections: int
+    pause_reason: str
+    rollout: Rollout
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., version: _Optional[int] = ..., params_digest: _Optional[str] = ..., paused: _Optional[bool] = ..., spec: _Optional[_Union[LearnerSpec, _Mapping]] = ..., updates_applied: _Optional[int] = ..., updates_rejected: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps: _Optional[int] = ..., serving_version: _Optional[int] = ..., drift_detections: _Optional[int] = ..., pause_reason: _Optional[str] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("candidate_version", "champion_version", "stage", "fraction")
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHAMPION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    candidate_version: int
+    champion_version: int
+    stage: int
+    fraction: float
+    def __init__(self, candidate_version: _Optional[int] = ..., champion_version: _Optional[int] = ..., stage: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+
+class RebaselineRequest(_message.Message):
+    __slots__ = ("model", "window_s", "epochs", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    window_s: float
+    epochs: int
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., window_s: _Optional[float] = ..., epochs: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbortRolloutRequest(_message.Message):
+    __slots__ = ("model", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

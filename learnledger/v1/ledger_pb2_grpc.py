@@ -114,6 +114,16 @@ class LedgerStub:
                 request_serializer=learnledger_dot_v1_dot_ledger__pb2.ResumeRequest.SerializeToString,
                 response_deserializer=learnledger_dot_v1_dot_ledger__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Rebaseline = channel.unary_unary(
+                '/learnledger.v1.Ledger/Rebaseline',
+                request_serializer=learnledger_dot_v1_dot_ledger__pb2.RebaselineRequest.SerializeToString,
+                response_deserializer=learnledger_dot_v1_dot_ledger__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/learnledger.v1.Ledger/AbortRollout',
+                request_serializer=learnledger_dot_v1_dot_ledger__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=learnledger_dot_v1_dot_ledger__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class LedgerServicer:
@@ -223,6 +233,18 @@ class LedgerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebaseline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +326,16 @@ def add_LedgerServicer_to_server(servicer, server):
             'Resume': grpc.unary_unary_rpc_method_handler(
                     servicer.Resume,
                     request_deserializer=learnledger_dot_v1_dot_ledger__pb2.ResumeRequest.FromString,
+                    response_serializer=learnledger_dot_v1_dot_ledger__pb2.ModelInfo.SerializeToString,
+            ),
+            'Rebaseline': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebaseline,
+                    request_deserializer=learnledger_dot_v1_dot_ledger__pb2.RebaselineRequest.FromString,
+                    response_serializer=learnledger_dot_v1_dot_ledger__pb2.ModelInfo.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=learnledger_dot_v1_dot_ledger__pb2.AbortRolloutRequest.FromString,
                     response_serializer=learnledger_dot_v1_dot_ledger__pb2.ModelInfo.SerializeToString,
             ),
     }
@@ -738,6 +770,60 @@ class Ledger:
             target,
             '/learnledger.v1.Ledger/Resume',
             learnledger_dot_v1_dot_ledger__pb2.ResumeRequest.SerializeToString,
+            learnledger_dot_v1_dot_ledger__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebaseline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learnledger.v1.Ledger/Rebaseline',
+            learnledger_dot_v1_dot_ledger__pb2.RebaselineRequest.SerializeToString,
+            learnledger_dot_v1_dot_ledger__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learnledger.v1.Ledger/AbortRollout',
+            learnledger_dot_v1_dot_ledger__pb2.AbortRolloutRequest.SerializeToString,
             learnledger_dot_v1_dot_ledger__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
