@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from learnledger.v1 import ledger_pb2, ledger_pb2_grpc
+from server.alerts import Alerts
 from server.auth import AuthInterceptor, TokenTable
 from server.catalog import ModelCatalog
 from server.dashboard import Dashboard
@@ -77,6 +78,7 @@ class ServerSettings:
     tune_gc: bool = True
     metrics_port: int | None = None
     http_port: int | None = None
+    alert_webhook: str | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -110,6 +112,9 @@ class LedgerServer:
         self.dashboard: Dashboard | None = None
         self.writer.on_transaction = self.metrics.observe_commit
         self.writer.add_listener(self.metrics.events.observe)
+        # --- alerts (server.alerts): drift, aborted rollouts, rebaselines
+        self.alerts = Alerts(lambda model_id: service.ledger.get_model_by_id(model_id).name, settings.alert_webhook)
+        self.writer.add_listener(self.alerts.observe)
         self.serving = ServingService(service, self.writer, self.catalog)
         self.health = health.HealthServicer()
         options = [
@@ -193,6 +198,7 @@ class LedgerServer:
         if self.replica is not None:
             self.replica.stop()
         self.writer.close()
+        self.alerts.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         log.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         learner=not args.no_learner,
         metrics_port=args.metrics_port or None,  # 0: no /metrics endpoint
         http_port=args.http_port or None,  # 0: no operator dashboard
+        alert_webhook=args.alert_webhook or os.environ.get("LEARNLEDGER_ALERT_WEBHOOK") or None,
     )
     # The writer thread returns from PostgreSQL and must get the GIL back from up to 128
     # RPC threads; at the default 5 ms switch interval every commit waits behind them
