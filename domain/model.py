@@ -179,6 +179,7 @@ class Model(Aggregate):
         self.drift_detections = 0
         self.last_drift: tuple[str, int] | None = None  # (detector, version)
         self.rebaselines = 0
+        self.labels_consumed = 0  # labeled predictions taken by update events (trained + holdout)
         # The version whose state serves (all traffic, or the champion's share during a
         # rollout) and the rollout in progress, if any.
         self.serving_version = 1
@@ -353,6 +354,7 @@ class Model(Aggregate):
         self.steps = step
         self.digest = digest
         self.updates_applied += 1
+        self.labels_consumed += len(prediction_ids) + len(holdout_ids)
         self.learned_through = through or prediction_ids[-1]
         self.serving_version = self._next_version()
 
@@ -370,6 +372,7 @@ class Model(Aggregate):
         gate: dict[str, float] | None = None,
     ) -> None:
         self.updates_rejected += 1
+        self.labels_consumed += len(prediction_ids) + len(holdout_ids)
         self.learned_through = through or prediction_ids[-1]
         self.serving_version = self._next_version()
 

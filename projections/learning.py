@@ -84,6 +84,9 @@ class ModelLearner:
         _, metrics = self.learner.update_step(self.state, empty)
         np.asarray(metrics["summary"])
         self.learner.predict_proba(self.state, np.zeros((1, spec.n_features)))
+        if spec.policy.holdout_fraction > 0.0:  # the gate's one holdout shape
+            size = spec.policy.holdout_size
+            self.learner.losses(self.state, np.zeros((size, spec.n_features)), np.zeros((size,)))
 
     @property
     def version(self) -> int:
@@ -122,12 +125,19 @@ class ModelLearner:
         )
 
     def _trainable(self) -> int:
+        """Examples in the buffer that would be trained on, counted up to a batch: the
+        scan stops there, so a long buffer (paused, or during a rollout) costs no more."""
         policy = self.model.spec.policy
         if policy.holdout_fraction <= 0.0:
             return len(self.buffer)
-        # Cheap enough: buffers are at most a few thousand labels, and ready() runs once
-        # per page read.
-        return sum(1 for e in self.buffer if not in_holdout(policy, e.prediction_id))
+        needed = self.model.spec.batch_size
+        count = 0
+        for example in self.buffer:
+            if not in_holdout(policy, example.prediction_id):
+                count += 1
+                if count >= needed:
+                    break
+        return count
 
     def next_due(self) -> float | None:
         """When a partial batch becomes due (monotonic seconds), or None."""

@@ -340,7 +340,8 @@ def safety_context_at(ledger: Ledger, model: Model, replayer: Replayer | None = 
     last_drift = max((i for i, e in enumerate(events) if isinstance(e, Model.DriftDetected)), default=-1)
     watched = [e for e in events[last_drift + 1 :] if isinstance(e, (Model.UpdateApplied, Model.UpdateRejected))]
     wanted: list[UUID] = []
-    holdout_ids = [pid for e in updates for pid in e.holdout_ids][-policy.holdout_size :]
+    # The holdout window and the anchors start afresh at a detection (SafetyContext.after_update).
+    holdout_ids = [pid for e in watched for pid in e.holdout_ids][-policy.holdout_size :]
     trained_ids = [pid for e in updates for pid in e.prediction_ids][-(context.recent.maxlen or 0) :]
     pool_ids = [pid for e in updates if isinstance(e, Model.UpdateApplied) for pid in e.prediction_ids][
         -policy.replay_pool :
@@ -362,6 +363,6 @@ def safety_context_at(ledger: Ledger, model: Model, replayer: Replayer | None = 
         for e in watched:
             context.drift.observe([_example(known[pid]) for pid in (*e.prediction_ids, *e.holdout_ids)])
     if policy.holdout_fraction > 0.0 and policy.gate_anchor_lag > 0 and replayer is not None:
-        for e in updates[-policy.gate_anchor_lag :]:
+        for e in watched[-policy.gate_anchor_lag :]:
             context.heads.append(replayer.state_at(model.id, e.originator_version).state)
     return context

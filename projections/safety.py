@@ -116,11 +116,17 @@ def evaluate_gate(
                 )
     n = len(holdout_y)
     if policy.holdout_fraction > 0.0 and n >= policy.min_holdout:
-        loss_candidate = learner.losses(candidate, holdout_x, holdout_y)
+        # Padded to the window's full size: one compiled shape for every call, instead of
+        # a compile per padding bucket while the window fills (~0.8 s each).
+        size = max(policy.holdout_size, n)
+        padded_x = np.zeros((size, spec.n_features), dtype=np.float64)
+        padded_y = np.zeros((size,), dtype=np.float64)
+        padded_x[:n], padded_y[:n] = holdout_x, holdout_y
+        loss_candidate = learner.losses(candidate, padded_x, padded_y)[:n]
         figures["holdout_loss_candidate"] = float(loss_candidate.mean())
         references = [("current", current)] + ([("anchor", anchor)] if anchor is not None else [])
         for name, reference in references:
-            loss_reference = learner.losses(reference, holdout_x, holdout_y)
+            loss_reference = learner.losses(reference, padded_x, padded_y)[:n]
             mean, t_stat, p_value = _paired_test(loss_candidate - loss_reference, policy.gate_tolerance)
             figures.update(
                 {
@@ -332,4 +338,11 @@ class SafetyContext:
             self.replay.extend(trained)
         if head is not None and self.spec.policy.holdout_fraction > 0.0:
             self.heads.append(head)
-        return self.drift.observe([*trained, *holdout])
+        found = self.drift.observe([*trained, *holdout])
+        if found is not None:
+            # A new regime: the old holdout and anchors judge candidates by the concept
+            # that just ended and would block every step towards the new one. The gate
+            # checks parameters only until ``min_holdout`` new holdout examples arrive.
+            self.holdout.clear()
+            self.heads.clear()
+        return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo", help="model name (default demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-safety", action="store_true", help="no holdout gate, drift detection or rollout")
     p.set_defaults(handler=_handler("demo"))
 
     p = sub.add_parser("register", help="register a model")
@@ -106,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_handler("rollback"))
 
     # --- safety: rebaseline and rollout (bodies in server.rollout_commands) ---
-    from server.rollout_commands import parse_duration
-
     p = sub.add_parser("rebaseline", help="re-fit on a recent window and roll the result out as a candidate")
     p.add_argument("model")
     p.add_argument("--window", type=parse_duration, required=True, help="e.g. 6h, 7d: examples trained on since")
@@ -347,6 +347,22 @@ def _handler(name: str) -> Callable[[argparse.Namespace], int]:
         return result
 
     return run
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, "w": 604_800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like ``90s``, ``15m``, ``6h``, ``7d`` or ``2w``.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    found = _DURATION.match(text)
+    if found is None or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"a duration such as 90s, 15m, 6h, 7d or 2w, got {text!r}")
+    return float(found.group(1)) * _UNIT_S[found.group(2)]
 
 
 def _rollout_handler(name: str) -> Callable[[argparse.Namespace], int]:

@@ -231,6 +231,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if result["audit_verified"] else EXIT_DIVERGED
 
 
+# The demo's safety policy: a 10 % holdout gate, ADWIN on the served errors, and on drift
+# a rebaseline on ADWIN's recent window rolled out as a canary (25 % → all; learning
+# waits while a rollout runs, so a short demo keeps its stages few).
+DEMO_POLICY: dict[str, Any] = {
+    "holdout_fraction": 0.1,
+    "gate_tolerance": 0.05,
+    "drift_detectors": ["adwin"],
+    "drift_action": "rebaseline",
+    "rollout_stages": [0.25, 1.0],
+    "rollout_min_labels": 25,
+    "rollout_tolerance": 0.02,
+}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """``learnledger demo``: the main job on a fresh machine, through a real gRPC server."""
     from server.demo import run_grpc_demo
@@ -246,6 +260,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "batch_size": 32,
         "seed": args.seed,
     }
+    if not args.no_safety:
+        spec["policy"] = DEMO_POLICY
     with runtime() as rt:
         if not args.json:
             print(f"learnledger demo: PostgreSQL at {rt.database.display_url()}", file=sys.stderr)

@@ -72,8 +72,8 @@ def run_grpc_demo(
                 stats.seconds = time.perf_counter() - started
                 if progress is not None:
                     progress(stats)
-            expected = updates_before + (stats.labels - stats.late_labels) // batch_size
-            info = _wait_for_learner(client, model, expected)
+            expected = int(info.labels_consumed) + stats.labels - stats.late_labels
+            info = _wait_for_learner(client, model, expected, batch_size)
             stats.updates = int(info.updates_applied) - updates_before
             stats.model_version = int(info.version)
             audit = client.verify_audit(model)
@@ -100,10 +100,17 @@ def run_grpc_demo(
     }
 
 
-def _wait_for_learner(client: LedgerClient, model: str, expected_updates: int) -> Any:
+def _wait_for_learner(client: LedgerClient, model: str, expected_labels: int, batch_size: int) -> Any:
+    # Caught up: fewer labels left than make a full batch (holdout examples ride along
+    # with the next batch), or learning is held by a rollout or a pause.
     deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
     info = client.get_model(model)
-    while info.updates_applied + info.updates_rejected < expected_updates and time.monotonic() < deadline:
+    while (
+        expected_labels - info.labels_consumed >= 2 * batch_size
+        and not info.HasField("rollout")
+        and not info.paused
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
         info = client.get_model(model)
     return info

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 from domain.model import Model
 from server.bootstrap import runtime
 from server.cli import emit
 from server.commands import CLI_ACTOR
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, "w": 604_800.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a duration like ``90s``, ``15m``, ``6h``, ``7d`` or ``2w``.
-
-    Raises:
-        argparse.ArgumentTypeError: anything else.
-    """
-    found = _DURATION.match(text)
-    if found is None or float(found.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"a duration such as 90s, 15m, 6h, 7d or 2w, got {text!r}")
-    return float(found.group(1)) * _UNIT_S[found.group(2)]
 
 
 def cmd_rebaseline(args: argparse.Namespace) -> int:

@@ -349,6 +349,7 @@ def model_info(model: Model) -> pb.ModelInfo:
         serving_version=model.serving_version,
         drift_detections=model.drift_detections,
         pause_reason=model.pause_reason,
+        labels_consumed=model.labels_consumed,
         rollout=None
         if model.rollout is None
         else pb.Rollout(

@@ -63,7 +63,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "id", "version", "params_digest", "paused", "spec", "updates_applied", "updates_rejected", "rollbacks", "steps", "serving_version", "drift_detections", "pause_reason", "rollout")
+    __slots__ = ("name", "id", "version", "params_digest", "paused", "spec", "updates_applied", "updates_rejected", "rollbacks", "steps", "serving_version", "drift_detections", "pause_reason", "rollout", "labels_consumed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class ModelInfo(_message.Message):
     DRIFT_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     name: str
     id: str
     version: int
@@ -92,7 +93,8 @@ class ModelInfo(_message.Message):
     drift_detections: int
     pause_reason: str
     rollout: Rollout
-    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., version: _Optional[int] = ..., params_digest: _Optional[str] = ..., paused: _Optional[bool] = ..., spec: _Optional[_Union[LearnerSpec, _Mapping]] = ..., updates_applied: _Optional[int] = ..., updates_rejected: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps: _Optional[int] = ..., serving_version: _Optional[int] = ..., drift_detections: _Optional[int] = ..., pause_reason: _Optional[str] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+    labels_consumed: int
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., version: _Optional[int] = ..., params_digest: _Optional[str] = ..., paused: _Optional[bool] = ..., spec: _Optional[_Union[LearnerSpec, _Mapping]] = ..., updates_applied: _Optional[int] = ..., updates_rejected: _Optional[int] = ..., rollbacks: _Optional[int] = ..., steps: _Optional[int] = ..., serving_version: _Optional[int] = ..., drift_detections: _Optional[int] = ..., pause_reason: _Optional[str] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., labels_consumed: _Optional[int] = ...) -> None: ...
 
 class Rollout(_message.Message):
     __slots__ = ("candidate_version", "champion_version", "stage", "fraction")
