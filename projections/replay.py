@@ -188,13 +188,14 @@ class Replayer:
                 case Model.UpdateApplied(prediction_ids=ids, replayed_ids=replayed):
                     if state is None:
                         raise ReplayError(f"version {version}: an update before registration")
-                    if ids[0] not in prefetched:
+                    if any(pid not in prefetched for pid in (*ids, *replayed)):
                         prefetched = self._prefetch(events, index)
                     x, y = examples_for(self.ledger, model_id, head.spec, (*ids, *replayed), prefetched)
                     state, _ = learner.update_step(state, make_batch(head.spec, x, y))
                 case Model.Rebaselined(prediction_ids=ids, epochs=epochs):
-                    if ids[0] not in prefetched:
-                        prefetched = self._prefetch(events, index)
+                    if any(pid not in prefetched for pid in ids):
+                        # A rebaseline's window reaches back over earlier updates: read it whole.
+                        prefetched = {**self._prefetch(events, index), **self.ledger.get_predictions(ids)}
                     x, y = examples_for(self.ledger, model_id, head.spec, ids, prefetched)
                     state = refit(head.spec, learner, x, y, epochs)
                 case Model.RolledBack(to_version=target) | Model.RolloutAborted(to_version=target):

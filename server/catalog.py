@@ -12,6 +12,7 @@ import numpy as np
 from domain.model import Model
 from domain.spec import LearnerSpec
 from projections.learners import Learner, LearnerState, make_learner
+from projections.learning import ModelLearner
 from server.services import LedgerService
 
 # Unary predictions committed together are scored together, in blocks of exactly this
@@ -64,6 +65,32 @@ def served_from_log(replayer: Any, model: Model) -> ServedModel:
         model.serving_version,
         champion.digest,
         champion.state,
+        model.paused,
+        candidate=arm,
+        fraction=rollout.fraction,
+    )
+
+
+def served_by(learner: ModelLearner) -> ServedModel:
+    """What a learner's model serves now: its head, or during a rollout the champion with
+    the candidate (the learner's head state) beside it."""
+    model = learner.model
+    rollout = model.rollout
+    if rollout is None or learner.champion is None:
+        return ServedModel(
+            model.id, model.name, model.spec, learner.version, learner.digest, learner.state, model.paused
+        )
+    state, digest = learner.champion
+    arm = ServedModel(
+        model.id, model.name, model.spec, rollout.candidate_version, learner.digest, learner.state, model.paused
+    )
+    return ServedModel(
+        model.id,
+        model.name,
+        model.spec,
+        model.serving_version,
+        digest,
+        state,
         model.paused,
         candidate=arm,
         fraction=rollout.fraction,

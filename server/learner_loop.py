@@ -24,7 +24,7 @@ from uuid import UUID
 from domain.errors import LedgerError
 from domain.prediction import Prediction
 from projections.learning import LabeledExample, ModelLearner
-from server.catalog import ModelCatalog, ServedModel
+from server.catalog import ModelCatalog, ServedModel, served_by
 from server.learning_steps import ServedFacts, drain, load_learner, save_snapshots, served_facts
 from server.log_reader import labeled_position, labels_after
 from server.services import LedgerService
@@ -230,32 +230,6 @@ class LearnerLoop:
 
     def _publish(self, learner: ModelLearner) -> None:
         self.catalog.publish(served_by(learner))
-
-
-def served_by(learner: ModelLearner) -> ServedModel:
-    """What a learner's model serves now: its head, or during a rollout the champion with
-    the candidate (the learner's head state) beside it."""
-    model = learner.model
-    rollout = model.rollout
-    if rollout is None or learner.champion is None:
-        return ServedModel(
-            model.id, model.name, model.spec, learner.version, learner.digest, learner.state, model.paused
-        )
-    state, digest = learner.champion
-    arm = ServedModel(
-        model.id, model.name, model.spec, rollout.candidate_version, learner.digest, learner.state, model.paused
-    )
-    return ServedModel(
-        model.id,
-        model.name,
-        model.spec,
-        model.serving_version,
-        digest,
-        state,
-        model.paused,
-        candidate=arm,
-        fraction=rollout.fraction,
-    )
 
 
 def _example(prediction_id: UUID, served: ServedFacts, label: float) -> LabeledExample:

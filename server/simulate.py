@@ -19,6 +19,8 @@ from domain.prediction import Prediction, make_prediction_event
 from projections.digest import state_to_bytes
 from projections.learners import decide_rows
 from projections.learning import LabeledExample
+from projections.rollout import routes_to_candidate
+from server.catalog import served_by
 from server.services import LedgerService
 from server.streams import label_arrivals
 
@@ -144,22 +146,33 @@ def run_simulation(
             if arriving >= need:
                 break
         now = datetime.now(UTC)
-        proba = learner.learner.predict_proba(learner.state, x[i:j])
+        served = served_by(learner)  # during a rollout: the champion, the candidate beside it
+        pids = [new_prediction_id() for _ in range(i, j)]
+        proba = learner.learner.predict_proba(served.state, x[i:j])
+        arms = [served] * (j - i)
+        if served.candidate is not None:
+            candidate = served.candidate
+            for r, pid in enumerate(pids):
+                if routes_to_candidate(pid, served.fraction):
+                    arms[r] = candidate
+                    proba[r] = learner.learner.predict_proba(candidate.state, x[i + r : i + r + 1])[0]
         scores, decisions = decide_rows(spec, proba)
         score_chunk(stats, spec.head, proba, decisions, y[i:j])
         rows = x[i:j].tolist()
         for k in range(i, j):
+            arm = arms[k - i]
+            routing = "champion" if served.candidate is None else ("candidate" if arm is not served else "control")
             event = make_prediction_event(
-                new_prediction_id(),
+                pids[k - i],
                 model_id=model_id,
                 model_name=model_name,
-                model_version=learner.version,
+                model_version=arm.version,
                 spec=spec,
                 features=rows[k - i],
                 score=float(scores[k - i]),
                 decision=float(decisions[k - i]),
-                params_digest=learner.digest,
-                routing="champion",
+                params_digest=arm.digest,
+                routing=routing,
                 actor=actor,
                 timestamp=now,
             )
@@ -189,6 +202,7 @@ def run_simulation(
                     outcome.event.label,
                     score=source.score,
                     decision=source.decision,
+                    routing=source.routing,
                 )
             )
         for t in range(i, j):

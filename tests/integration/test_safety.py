@@ -173,7 +173,7 @@ def test_a_bad_rebaseline_candidate_aborts_at_the_first_stage(runtime: Any) -> N
 
 
 def _serve_and_label(rt: Any, learner: Any, x: np.ndarray, y: np.ndarray) -> tuple[list[Any], list[Any]]:
-    from server.learner_loop import served_by
+    from server.catalog import served_by
 
     served = served_by(learner)
     made = []
@@ -234,4 +234,47 @@ def test_envelope_and_weight_bound_reject_updates_that_leave_them(runtime: Any) 
     state = runtime.service.replayer.state_at(runtime.ledger.get_model("m").id).state
     w = np.asarray(make_learner(spec).unpack(state).params["layer_0_w"])
     assert -0.05 <= w[0, 0] <= 0.05  # what serves never left the envelope
+    assert runtime.service.replayer.verify(runtime.ledger.get_model("m").id).verified
+
+
+def test_drift_with_rebaseline_policy_refits_and_starts_a_rollout(runtime: Any) -> None:
+    # Given a model whose policy answers drift with a rebaseline
+    x, y, w = _stream(6000, seed=6)
+    y[3000:] = (x[3000:] @ -w > 0).astype(float)
+    policy = SafetyPolicy(drift_detectors=("adwin",), drift_action="rebaseline")
+    spec = LearnerSpec(kind="logistic", n_features=N_FEATURES, learning_rate=0.05, policy=policy)
+    runtime.service.register_model("m", spec, "test")
+    # When the concept flips
+    run_simulation(runtime.service, "m", x, y)
+    # Then the detection is followed, in the same commit, by a re-fit on ADWIN's window
+    events = runtime.ledger.get_model_events(runtime.ledger.get_model("m").id)
+    (drift,) = [e for e in events if isinstance(e, Model.DriftDetected)]
+    after = events[drift.originator_version]  # versions are 1-based: this is the next event
+    assert isinstance(after, Model.Rebaselined) and "adwin" in after.reason
+    assert len(after.prediction_ids) >= 4 * spec.batch_size
+    model = runtime.ledger.get_model("m")
+    assert model.rollout is not None and model.rollout.candidate_version == after.originator_version
+    # And the candidate fits the new concept better than the champion it would replace
+    rng = np.random.default_rng(7)
+    xt = rng.normal(size=(2000, N_FEATURES))
+    yt = (xt @ -w > 0).astype(float)
+    learner = make_learner(spec)
+    candidate = runtime.service.replayer.state_at(model.id, model.rollout.candidate_version).state
+    champion = runtime.service.replayer.state_at(model.id, model.rollout.champion_version).state
+    accuracy = [float(((learner.predict(s, xt) > 0.5) == yt).mean()) for s in (candidate, champion)]
+    assert accuracy[0] > accuracy[1]
+    assert runtime.service.replayer.verify(model.id).verified
+
+
+def test_feature_shift_is_detected_on_the_logged_features(runtime: Any) -> None:
+    x, y, _ = _stream(4000, seed=8)
+    x[2500:, 2] += 3.0  # one input's distribution moves; the labels do not
+    policy = SafetyPolicy(drift_detectors=("features",), drift_action="alert", feature_window=250, feature_shift=1.0)
+    spec = LearnerSpec(kind="logistic", n_features=N_FEATURES, policy=policy)
+    runtime.service.register_model("m", spec, "test")
+    run_simulation(runtime.service, "m", x, y)
+    found = _events(runtime, Model.DriftDetected)
+    assert found and found[0].detector == "features" and found[0].figures["feature_index"] == 2.0
+    assert found[0].action == "alert" and not runtime.ledger.get_model("m").paused  # alert only
+    assert 2500 <= _example_index(runtime, found[0].at_prediction) < 3000
     assert runtime.service.replayer.verify(runtime.ledger.get_model("m").id).verified
