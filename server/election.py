@@ -1,5 +1,9 @@
 """Leader election for learners: one PostgreSQL session advisory lock per model.
 
+``ModelLock`` holds one model's lock on a connection of its own; ``LockSession`` holds
+any number of them on one connection (``learn --workers``: a portfolio of 100 models
+costs one lock connection, not 100).
+
 The lock lives as long as the session that took it, so a learner that dies (even by
 SIGKILL) releases it the moment the server notices its connection closed, and a waiting
 learner takes over. Optimistic concurrency on the ``Model`` stream still guards every
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
@@ -89,6 +94,92 @@ class ModelLock:
         self._close()
 
     def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+
+class LockSession:
+    """Many models' advisory locks held on one dedicated connection (``learn --workers``).
+
+    Session advisory locks are per session, not per connection slot, so one session can
+    hold every lock a process leads: a portfolio of 100 models costs one connection,
+    not 100. Everything that was true of one lock stays true of the set: a process that
+    dies frees all of them at once, and a broken session means every one may have a
+    new holder — ``alive`` turns False and the caller must stop learning all of them.
+
+    Not thread-safe: one coordinating thread asks, the workers only read ``held``.
+    """
+
+    def __init__(self, ledger: Ledger):
+        recorder: Any = ledger.recorder
+        self.ledger = ledger
+        self.schema: str = recorder.datastore.schema
+        self._conn: psycopg.Connection[Any] | None = None
+        self.held: frozenset[UUID] = frozenset()
+        # Set when the session broke while holding locks, until ``acknowledge``: no new
+        # session is opened before the caller has stopped learning the models it lost.
+        self.lost = False
+
+    def try_acquire(self, model_ids: Iterable[UUID]) -> frozenset[UUID]:
+        """Try every lock not held yet, in one round trip; returns the ones taken now."""
+        keys = {lock_key(self.schema, m): m for m in model_ids if m not in self.held}
+        if not keys or self.lost:
+            return frozenset()
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect_like(self.ledger, **KEEPALIVE)
+            rows = self._conn.execute(
+                "SELECT k, pg_try_advisory_lock(k) FROM unnest(%s::bigint[]) AS t(k)", (list(keys),)
+            ).fetchall()
+        except psycopg.Error as exc:
+            log.warning("advisory lock attempt failed: %s", exc)
+            self._broken()
+            return frozenset()
+        taken = frozenset(keys[k] for k, ok in rows if ok)
+        self.held |= taken
+        return taken
+
+    def alive(self) -> bool:
+        """Whether the session holding the locks is still there (a cheap round trip).
+
+        False also when there is no session yet. After a break the server released every
+        lock: another process may lead those models already.
+        """
+        if self.lost or self._conn is None or self._conn.closed:
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self._broken()
+            return False
+        return True
+
+    def acknowledge(self) -> None:
+        """The caller stopped learning every model it held: compete again."""
+        self.lost = False
+
+    def release(self, model_id: UUID) -> None:
+        """Give one model's lock up now (a successor asking at once finds it free)."""
+        if model_id not in self.held:
+            return
+        self.held -= {model_id}
+        if self._conn is not None and not self._conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(self.schema, model_id),))
+
+    def close(self) -> None:
+        """Release every lock explicitly, then close (see ``ModelLock.release`` for why)."""
+        if self.held and self._conn is not None and not self._conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SELECT pg_advisory_unlock_all()")
+        self.held = frozenset()
+        self._broken()
+
+    def _broken(self) -> None:
+        self.lost = self.lost or bool(self.held)
+        self.held = frozenset()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(psycopg.Error):

@@ -1,9 +1,16 @@
-"""The ``learnledger learn`` command: learners as their own process, one leader per model.
+"""The ``learnledger learn`` command: learners as their own process, shared by many models.
 
-Each model gets a worker thread that waits for the model's advisory lock and, once
-elected, learns from the log (``server.model_worker``). Run as many ``learn`` processes
-as you like: one leads each model, the others wait and take over when it dies. Pair
-it with ``learnledger serve --no-learner`` replicas, which follow the updates it commits.
+A fixed pool of worker threads (``--workers``) leads any number of models
+(``server.worker_pool``): one session holds every advisory lock this process won
+(``server.election.LockSession``), one reader follows the log for all of them, and each
+model's learner takes turns on the workers. Run as many ``learn`` processes as you
+like: models are split between them by their locks, and a standby takes over the
+models of a leader that dies. Pair it with ``learnledger serve --no-learner`` replicas,
+which follow the updates it commits.
+
+Connections stay bounded whatever the portfolio: the lock session, the LISTEN
+connection, and the ledger's pool (at most ``POSTGRES_POOL_SIZE`` + overflow), all
+named ``application_name=learnledger-learn`` unless ``PGAPPNAME`` says otherwise.
 
 Prints one line per leadership change on stdout (one JSON object with ``--json``).
 """
@@ -11,13 +18,15 @@ Prints one line per leadership change on stdout (one JSON object with ``--json``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
+import os
+import random
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 from uuid import UUID
@@ -25,55 +34,106 @@ from uuid import UUID
 import orjson
 
 from domain.errors import LedgerError
+from domain.ledger import MODEL_REGISTERED_TOPIC, Ledger
+from domain.spec import LearnerSpec
 
 log = logging.getLogger("learnledger.learn")
 
+APP_NAME = "learnledger-learn"
 DISCOVER_S = 1.0
 TICK_S = 0.2
+ACQUIRE_PER_TICK = 16
+LIVENESS_CHECK_S = 1.0
 JOIN_TIMEOUT_S = 30.0
+PAGE = 1000
+DDL_ATTEMPTS = 5
+
+
+def default_workers() -> int:
+    """Two to four threads: XLA already uses more than one core per step."""
+    return max(2, min(4, os.cpu_count() or 2))
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    """Learn until SIGTERM/SIGINT; a stopped worker finishes its commit and frees its lock."""
-    from domain.errors import ModelNotFoundError
+    """Learn until SIGTERM/SIGINT; stopped workers finish their commit, then the locks are freed."""
     from server.bootstrap import Settings, build
     from server.default_sweeper import DefaultSweeper
-    from server.model_worker import ModelWorker
+    from server.election import LockSession
+    from server.model_worker import COMMIT_DELAY_VAR, FAULT_MODELS_VAR, ModelRunner
+    from server.worker_pool import LogDispatcher, WorkerPool
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every connection of this process (pool, LISTEN, locks) is then recognisable in
+    # pg_stat_activity: how many a learner uses is an operations question.
+    os.environ.setdefault("PGAPPNAME", APP_NAME)
     names = [n.strip() for n in (args.models or "").split(",") if n.strip()]
-    runtime = build(Settings.from_env())
+    workers = args.workers or default_workers()
+    runtime = _build(build, Settings.from_env())
+    # --- metrics endpoint (server.metrics; --metrics-port, 0: off) ---
+    from server.metrics import serve_learn_metrics
+
+    serve_learn_metrics(runtime.service, getattr(args, "metrics_port", 0))
     ledger = runtime.ledger
     stop = threading.Event()
     out = _Printer(as_json=args.json)
-    workers: dict[UUID, tuple[ModelWorker, threading.Thread]] = {}
-
-    def led() -> frozenset[UUID]:
-        return frozenset(mid for mid, (w, _) in workers.items() if w.leading.is_set())
+    faults = frozenset(n.strip() for n in os.environ.get(FAULT_MODELS_VAR, "").split(",") if n.strip())
+    if faults:
+        log.warning("%s: the learners of %s will fail on purpose", FAULT_MODELS_VAR, ", ".join(sorted(faults)))
+    kick = threading.Event()
+    runner = ModelRunner(
+        runtime.service,
+        report=out,
+        rewound=kick.set,
+        commit_delay_s=float(os.environ.get(COMMIT_DELAY_VAR, "0") or 0),
+        fault_models=faults,
+    )
+    pool = WorkerPool(runner, workers, stop, reader_kick=kick)
+    reader = LogDispatcher(ledger, pool, stop, poll_interval_s=args.poll_interval)
+    reader_thread = threading.Thread(target=reader.run, name="learn-reader", daemon=True)
+    portfolio = _Portfolio(ledger, names, workers)
+    locks = LockSession(ledger)
+    sweeper = DefaultSweeper(ledger, pool.led)
+    standing_by: set[UUID] = set()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: finishing the current commit, then stopping", signal.Signals(signum).name)
+        log.info("received %s: finishing the current commits, then stopping", signal.Signals(signum).name)
         stop.set()
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, on_signal)
-    sweeper = DefaultSweeper(ledger, led)
-    out({"event": "started", "models": names or "all"})
+    out({"event": "started", "models": names or "all", "workers": workers})
+    pool.start()
+    reader_thread.start()
     try:
-        discovered = swept = 0.0
+        discovered = swept = checked = 0.0
         sealed = time.monotonic()  # the first seal after one period, not during start-up
         while not stop.is_set():
             now = time.monotonic()
             if now - discovered >= DISCOVER_S:
                 discovered = now
-                for model_id in _model_ids(ledger, names, ModelNotFoundError):
-                    if model_id not in workers:
-                        worker = ModelWorker(
-                            runtime.service, model_id, stop, report=out, poll_interval_s=args.poll_interval
-                        )
-                        thread = threading.Thread(target=worker.run, name=f"learn-{model_id}", daemon=True)
-                        workers[model_id] = (worker, thread)
-                        thread.start()
+                portfolio.discover()
+            if locks.lost or (pool.busy() and now - checked >= LIVENESS_CHECK_S):
+                checked = now
+                if not locks.alive():
+                    # The session broke: the server freed every lock, so another process
+                    # may lead these models already. Stop all, then compete again.
+                    for model_id in pool.revoke_all():
+                        log.warning("lost the lock of model %s; waiting to be elected again", model_id)
+                        out({"event": "lost", "model_id": str(model_id)})
+                    standing_by.clear()
+                    locks.acknowledge()
+            candidates = sorted(portfolio.warmed() - pool.busy())
+            if candidates:
+                # A few at a time, in random order: processes that start together then
+                # split the portfolio instead of the first to compile taking all of it
+                # (a standby still takes a dead leader's 100 models within ~1 s).
+                tried = set(random.sample(candidates, min(len(candidates), ACQUIRE_PER_TICK)))
+                for model_id in locks.try_acquire(tried):
+                    pool.add(model_id)
+                    standing_by.discard(model_id)
+                for model_id in tried - locks.held - standing_by:
+                    standing_by.add(model_id)
+                    out({"event": "standby", "model_id": str(model_id)})
             if args.sweep_interval > 0 and now - swept >= args.sweep_interval:
                 swept = now
                 try:
@@ -82,23 +142,20 @@ def cmd_learn(args: argparse.Namespace) -> int:
                     log.warning("default-label sweep failed: %s", exc)
             if args.seal_interval > 0 and now - sealed >= args.seal_interval:
                 sealed = now
-                try:
-                    seal = runtime.service.seal("learner")
-                    if seal is not None:
-                        out({"event": "sealed", "first": seal.first, "last": seal.last, "seal": seal.seal})
-                except LedgerError:
-                    pass  # another process sealed the same range first: nothing to do
-                except Exception as exc:  # the database may be away; the next period retries
-                    log.warning("sealing failed: %s", exc)
+                _seal(runtime.service, out)
             stop.wait(TICK_S)
-        for _, thread in workers.values():
-            thread.join(JOIN_TIMEOUT_S)
     finally:
+        stop.set()
+        pool.join(JOIN_TIMEOUT_S)
+        reader_thread.join(JOIN_TIMEOUT_S)
+        portfolio.close()
+        locks.close()
         runtime.close()
         out(
             {
                 "event": "stopped",
-                "updates_committed": sum(w.updates_committed for w, _ in workers.values()),
+                "updates_committed": runner.updates_committed,
+                "failures": runner.failures,
                 "default_labels": sweeper.recorded,
             }
         )
@@ -107,15 +164,103 @@ def cmd_learn(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_ids(ledger: Any, names: list[str], not_found: type[Exception]) -> list[UUID]:
-    if not names:
-        return [m.id for m in ledger.list_models()]
-    ids = []
-    for name in names:
-        # A name not registered yet is looked for again at the next discovery.
-        with contextlib.suppress(not_found):
-            ids.append(ledger.get_model(name).id)
-    return ids
+def _build(build: Callable[[Any], Any], settings: Any) -> Any:
+    # Learn processes started together each run the (idempotent) DDL, and concurrent
+    # CREATE OR REPLACE FUNCTION can deadlock in PostgreSQL: one of them just retries.
+    for attempt in range(DDL_ATTEMPTS):
+        try:
+            return build(settings)
+        except Exception as exc:
+            if "deadlock detected" not in str(exc) or attempt == DDL_ATTEMPTS - 1:
+                raise
+            log.warning("schema set-up deadlocked with another process; retrying")
+            time.sleep(random.uniform(0.05, 0.5))
+    raise AssertionError("unreachable")
+
+
+def _seal(service: Any, out: Callable[[dict[str, Any]], None]) -> None:
+    try:
+        seal = service.seal("learner")
+        if seal is not None:
+            out({"event": "sealed", "first": seal.first, "last": seal.last, "seal": seal.seal})
+    except LedgerError:
+        pass  # another process sealed the same range first: nothing to do
+    except Exception as exc:  # the database may be away; the next period retries
+        log.warning("sealing failed: %s", exc)
+
+
+class _Portfolio:
+    """The models to learn, found incrementally in the log, each compiled before it competes.
+
+    A model becomes a candidate for its lock only once its spec's step is compiled, so a
+    standby takes a dead leader's models over in a fraction of a second instead of
+    stalling them behind XLA. Compiling is per spec (``make_learner`` caches by spec),
+    on a few threads.
+    """
+
+    def __init__(self, ledger: Ledger, names: list[str], threads: int):
+        self.ledger = ledger
+        self.names = frozenset(names)
+        self.position = 0
+        self._models: dict[UUID, LearnerSpec | None] = {}
+        self._compiled: dict[LearnerSpec, Future[None]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="learn-compile")
+
+    def discover(self) -> None:
+        """Read the ``Model.Registered`` events committed since the last call."""
+        try:
+            while True:
+                page = self.ledger.recorder.select_notifications(
+                    self.position + 1, PAGE, topics=[MODEL_REGISTERED_TOPIC]
+                )
+                new: dict[LearnerSpec, UUID] = {}
+                for notification in page:
+                    self._found(notification, new)
+                # In random order: processes starting together then compile (and so start
+                # competing for) different models first, and split the portfolio.
+                for spec, model_id in random.sample(list(new.items()), len(new)):
+                    self._compiled[spec] = self._executor.submit(self._compile, model_id)
+                if page:
+                    self.position = page[-1].id
+                if len(page) < PAGE:
+                    return
+        except Exception as exc:  # the database may be away; the next discovery retries
+            log.warning("model discovery failed: %s", exc)
+
+    def warmed(self) -> set[UUID]:
+        """The models whose step is compiled (or failed to compile: that is the learner's to report)."""
+        compiled = self._compiled
+        return {m for m, spec in self._models.items() if spec is None or (spec in compiled and compiled[spec].done())}
+
+    def _found(self, notification: Any, new: dict[LearnerSpec, UUID]) -> None:
+        try:
+            event: Any = self.ledger.mapper.to_domain_event(notification)
+        except Exception as exc:
+            # Unreadable registration: lead it anyway, so its loads fail (and are retried)
+            # visibly and in isolation instead of holding up discovery of every later model.
+            log.error("cannot decode the registration of model %s: %s", notification.originator_id, exc)
+            if not self.names:
+                self._models[UUID(str(notification.originator_id))] = None
+            return
+        if self.names and event.name not in self.names:
+            return
+        self._models[event.originator_id] = event.spec
+        if event.spec not in self._compiled:
+            new.setdefault(event.spec, event.originator_id)
+
+    def close(self) -> None:
+        """Drop compilations not started yet."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _compile(self, model_id: UUID) -> None:
+        from projections.learners import make_learner
+        from projections.learning import ModelLearner
+
+        try:
+            model = self.ledger.get_model_by_id(model_id)
+            ModelLearner(model, make_learner(model.spec).init()).warm_up()
+        except Exception as exc:  # only a speed-up: a learner that cannot compile fails visibly later
+            log.warning("could not pre-compile model %s's learner: %s", model_id, exc)
 
 
 class _Printer:
@@ -135,17 +280,21 @@ class _Printer:
 def _text(payload: dict[str, Any]) -> str:
     kind = payload.get("event")
     texts: dict[str, Callable[[], str]] = {
-        "started": lambda: f"learnledger learn: started (models: {payload['models']})",
+        "started": lambda: f"learnledger learn: started (models: {payload['models']}, workers: {payload['workers']})",
         "leading": lambda: (
             f"learnledger learn: leading model {payload['model']} "
             f"(version {payload['version']}, after log position {payload['position']})"
         ),
         "standby": lambda: f"learnledger learn: standing by for model {payload['model_id']}",
         "lost": lambda: f"learnledger learn: lost the lock of model {payload['model_id']}",
+        "failed": lambda: (
+            f"learnledger learn: model {payload['model_id']} failed ({payload['error']}); "
+            f"retrying in {payload['retry_s']:.1f} s"
+        ),
         "sealed": lambda: f"learnledger learn: sealed log positions {payload['first']}..{payload['last']}",
         "stopped": lambda: (
             f"learnledger learn: stopped ({payload['updates_committed']} updates, "
-            f"{payload['default_labels']} default labels)"
+            f"{payload['failures']} failures, {payload['default_labels']} default labels)"
         ),
     }
     return texts.get(str(kind), lambda: str(payload))()

@@ -1,214 +1,246 @@
-"""The elected, exactly-once learner of one model, tailing the log (``learnledger learn``).
+"""One led model's exactly-once learner, as a turn of work for shared worker threads.
 
-Life of a worker: wait for the model's advisory lock; once leading, load the head from
-the log and resume after the label of ``Model.learned_through``; then follow labels in
-log order, step when a batch is due (full, or partial after ``max_batch_wait_s``),
-commit the update events, and only then read on. Whatever goes wrong with a commit — an
-operator's rollback or pause took the version (``ConcurrencyError``), the database
-went away, the process died — the recovery is the same: reload the model, rebuild the
-state by replay, and re-read the labels after ``learned_through``. Batches are a pure
-function of the log, so the history comes out the same whenever the learner dies.
+``learnledger learn`` leads many models with a few threads (``server.worker_pool``). What
+it knows of one model lives in a ``ModelSlot``: the learner, how far into the log that
+model's labels were handed over (``position``), and an inbox the process's one log
+reader fills. ``ModelRunner.run`` is one turn: take the inbox, step while a batch is due
+(at most ``MAX_STEPS_PER_COMMIT``, so a backlog never monopolises a worker), commit, and
+only then let the reader hand over more. Whatever goes wrong with a commit — an
+operator's rollback or pause took the version (``ConcurrencyError``), the database went
+away, the process died — the recovery is the same as ever: reload the model from the
+log (``load_learner``), and re-read the labels after the one of ``learned_through``.
+Batches are a pure function of the log, so the history comes out the same whenever and
+wherever the learner dies.
+
+Any other exception (a learner that cannot be built, a step that raises) fails only
+this model: it is logged, reported, and retried after an exponential backoff, while the
+other models keep their turns.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 from domain.errors import LedgerError
 from domain.model import Model
 from projections.learning import ModelLearner
-from server.election import ModelLock
-from server.learning_steps import (
-    LABEL_TOPICS,
-    MODEL_CHANGE_TOPICS,
-    drain,
-    examples,
-    learnable,
-    resume_position,
-    save_snapshots,
-)
-from server.log_follower import POLL_INTERVAL_S, LogFollower
+from server.learning_steps import drain, examples, learnable, load_learner, resume_position, save_snapshots
 from server.services import LedgerService
 
 log = logging.getLogger(__name__)
 
-LOCK_RETRY_S = 0.5
-LIVENESS_CHECK_S = 1.0
-FAILURE_BACKOFF_S = 0.5
 # Catching up on a backlog: commit every this many steps, so that progress (and the
-# freshness of what replicas serve) never waits for a whole page to be learned.
+# freshness of what replicas serve) never waits for a whole page to be learned, and
+# other models get their turn in between.
 MAX_STEPS_PER_COMMIT = 32
-READ_AHEAD = 2000  # labels buffered before the next page is read
-# Test hook: sleep this long between computing a step and committing it, so that a
-# crash test's kills land in that window too.
+READ_AHEAD = 2000  # labels buffered per model before the reader stops handing it more
+BACKOFF_S = 0.5  # first retry of a failed model; doubles per consecutive failure
+MAX_BACKOFF_S = 30.0
+# Test hooks (environment, read once by ``learn``): sleep this long between computing a
+# step and committing it, so that a crash test's kills land in that window too; and make
+# the step of these models (comma-separated names) raise, a stand-in for a poisoned stream.
 COMMIT_DELAY_VAR = "LEARNLEDGER_TEST_COMMIT_DELAY_S"
+FAULT_MODELS_VAR = "LEARNLEDGER_FAULT_MODEL"
 
 Report = Callable[[dict[str, Any]], None]
 
 
 class LostLeadership(Exception):
-    """The lock's session broke: another learner may lead now; stop learning."""
+    """This process no longer holds the model's lock: stop before committing anything."""
 
 
-class ModelWorker:
-    """Runs one model's learner while this process holds its advisory lock."""
+class InjectedFault(RuntimeError):
+    """Raised by the ``LEARNLEDGER_FAULT_MODEL`` test hook in place of a real step."""
+
+
+@dataclass(eq=False)
+class ModelSlot:
+    """This process's lease on one model it leads.
+
+    ``lock`` guards what the reader and the workers share: ``inbox``, ``position`` and
+    ``buffered``. The invariant the reader keeps: the learner's buffer plus the inbox
+    hold exactly the log's events for this model in ``(resume position, position]``.
+    """
+
+    model_id: UUID
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    inbox: list[tuple[int, Any]] = field(default_factory=list)
+    # None while loading or after a failure: the reader hands this model nothing, and
+    # does not rewind for it, until a load sets where its unlearned labels start.
+    position: int | None = None
+    buffered: int = 0
+    learner: ModelLearner | None = None
+    # Labels were dropped while the model was not learning: reload before it learns again.
+    stale: bool = False
+    revoked: bool = False
+    announced: bool = False
+    failures: int = 0
+    # Scheduling (owned by the pool, under its condition).
+    queued: bool = False
+    running: bool = False
+    again: bool = False
+    wake_at: float | None = None
+
+    def full(self) -> bool:
+        """Whether it has enough queued to learn from without reading further ahead."""
+        return len(self.inbox) + self.buffered >= READ_AHEAD
+
+    def accept(self, after: int, events: list[tuple[int, Any]], last: int) -> bool:
+        """Take a page the reader read after log position ``after``, if it continues this
+        model's view of the log; ``events`` are this model's, ``last`` the page's end.
+
+        Returns whether anything was added to the inbox.
+        """
+        with self.lock:
+            position = self.position
+            if position is None or self.revoked or position < after or self.full():
+                return False  # loading, or the page starts beyond what it has seen
+            new = [item for item in events if item[0] > position]
+            self.position = max(position, last)
+            self.inbox.extend(new)
+            return bool(new)
+
+
+class ModelRunner:
+    """Takes turns for slots: load, absorb the inbox, step, commit (thread-safe per slot)."""
 
     def __init__(
         self,
         service: LedgerService,
-        model_id: UUID,
-        stop: threading.Event,
         *,
-        report: Report | None = None,
-        poll_interval_s: float = POLL_INTERVAL_S,
+        report: Report,
+        rewound: Callable[[], None],
+        commit_delay_s: float = 0.0,
+        fault_models: frozenset[str] = frozenset(),
     ):
         self.service = service
         self.ledger = service.ledger
-        self.model_id = model_id
-        self.stop = stop
-        self.report = report or (lambda _: None)
-        self.poll_interval_s = poll_interval_s
-        self.commit_delay_s = float(os.environ.get(COMMIT_DELAY_VAR, "0") or 0)
-        self.leading = threading.Event()
-        self.learner: ModelLearner | None = None
+        self.report = report
+        self.rewound = rewound  # tells the reader a slot wants the log from further back
+        self.commit_delay_s = commit_delay_s
+        self.fault_models = fault_models
         self.updates_committed = 0
-        self.resyncs = 0
-        self._warmed = False
+        self.failures = 0
+        self._count = threading.Lock()
 
-    # --- election ---------------------------------------------------------------------
+    def run(self, slot: ModelSlot) -> float | None:
+        """One turn for ``slot``; returns when to run it again (monotonic), None if only
+        new log events should wake it.
 
-    def run(self) -> None:
-        """Wait for the lock, lead until stopped or the lock is lost, then wait again."""
-        lock = ModelLock(self.ledger, self.model_id)
-        self._prewarm()
-        announced = False
-        try:
-            while not self.stop.is_set():
-                if not lock.try_acquire():
-                    if not announced:
-                        self.report({"event": "standby", "model_id": str(self.model_id)})
-                        announced = True
-                    self.stop.wait(LOCK_RETRY_S)
-                    continue
-                announced = False
-                self.leading.set()
-                try:
-                    self._lead(lock)
-                except LostLeadership:
-                    log.warning("lost the lock of model %s; waiting to be elected again", self.model_id)
-                    self.report({"event": "lost", "model_id": str(self.model_id)})
-                except Exception:
-                    log.exception("learner of model %s failed; retrying", self.model_id)
-                    self.stop.wait(FAILURE_BACKOFF_S)
-                finally:
-                    self.leading.clear()
-        finally:
-            lock.release()
-
-    def _prewarm(self) -> None:
-        # Compile the step and the scorer while waiting for the lock (jit caches by
-        # shape, and the shapes are the spec's): a standby then takes over in a fraction
-        # of a second instead of stalling learning behind XLA.
-        try:
-            model = self.ledger.get_model_by_id(self.model_id)
-            from projections.learners import make_learner
-
-            ModelLearner(model, make_learner(model.spec).init()).warm_up()
-            self._warmed = True
-        except Exception as exc:  # only a speed-up: the leader warms up anyway
-            log.warning("could not pre-compile model %s's learner: %s", self.model_id, exc)
-
-    # --- leading ----------------------------------------------------------------------
-
-    def _lead(self, lock: ModelLock) -> None:
-        with LogFollower(self.ledger, (*LABEL_TOPICS, *MODEL_CHANGE_TOPICS), poll_interval_s=self.poll_interval_s) as f:
-            learner = self._resync(f)
-            self.report(
-                {
-                    "event": "leading",
-                    "model": learner.model.name,
-                    "model_id": str(self.model_id),
-                    "version": learner.version,
-                    "position": f.position,
-                }
-            )
-            checked = time.monotonic()
-            while not self.stop.is_set():
-                # Read ahead only so far (learning, not reading, is the backlog's limit),
-                # but always while paused: the Resumed event must be seen.
-                read = learner.model.paused or len(learner.buffer) < READ_AHEAD
-                page = f.read_page() if read else []
-                if page:
-                    learner = self._absorb(page, f, learner)
-                now = time.monotonic()
-                if learner.ready(now):
-                    learner = self._step_and_commit(learner, f, now)
-                if now - checked >= LIVENESS_CHECK_S:
-                    if not lock.alive():
-                        raise LostLeadership(str(self.model_id))
-                    checked = now
-                if read and len(page) < f.page_size and not learner.ready(time.monotonic()):
-                    # Caught up: sleep until a commit (NOTIFY), a partial batch is due, or
-                    # the polling fallback.
-                    due = learner.next_due()
-                    timeout = self.poll_interval_s if due is None else max(0.0, due - time.monotonic())
-                    f.wait(timeout)
-
-    def _absorb(self, page: list[tuple[int, Any]], follower: LogFollower, learner: ModelLearner) -> ModelLearner:
-        """Queue this model's learnable labels; on another writer's model event, resync."""
+        Raises:
+            LostLeadership: the lock was lost; nothing of this turn committed.
+        """
+        learner = slot.learner if slot.learner is not None else self._load(slot)
+        with slot.lock:
+            items, slot.inbox = slot.inbox, []
         labels = []
-        for _position, event in page:
+        for _position, event in items:
             if isinstance(event, Model.Event):
-                if event.originator_id == self.model_id and event.originator_version > learner.version:
+                if event.originator_version > learner.version:
                     # An operator's rollback/pause/resume (or a previous leader's commit we
-                    # did not know about): reload, and re-read the labels after the
-                    # reloaded learned_through (this page's included).
-                    return self._resync(follower)
-            elif learnable(event, self.model_id):
+                    # did not know of): reload, and re-read after the reloaded position.
+                    self._load(slot)
+                    return time.monotonic()
+            elif learnable(event, slot.model_id):
                 labels.append(event)
-        learner.buffer.extend(examples(self.ledger, labels, time.monotonic()))
-        return learner
+        now = time.monotonic()
+        if not learner.model.learning:
+            # Paused or in a rollout: keep nothing (the inbox would grow without bound);
+            # whatever makes it learn again is a model event, and a reload re-reads.
+            slot.stale = slot.stale or bool(labels or learner.buffer)
+            learner.buffer.clear()
+        elif slot.stale:
+            self._load(slot)
+            return now
+        else:
+            learner.buffer.extend(examples(self.ledger, labels, now))
+        if learner.model.learning and learner.ready(now):
+            if learner.model.name in self.fault_models:
+                raise InjectedFault(f"{FAULT_MODELS_VAR} fails model {learner.model.name!r}")
+            self._step_and_commit(slot, learner, now)
+            learner = slot.learner or learner  # a refused commit reloaded it
+        with slot.lock:
+            slot.buffered = len(learner.buffer)
+        if learner.ready(time.monotonic()):
+            return time.monotonic()
+        return learner.next_due()
 
-    def _step_and_commit(self, learner: ModelLearner, follower: LogFollower, now: float) -> ModelLearner:
+    def failed(self, slot: ModelSlot, exc: BaseException) -> float:
+        """Forget ``slot``'s learner after ``exc`` and return when to retry (backoff)."""
+        slot.failures += 1
+        with self._count:
+            self.failures += 1
+        delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (slot.failures - 1))
+        name = slot.learner.model.name if slot.learner is not None else str(slot.model_id)
+        log.error(
+            "learner of model %s failed (%d in a row); retrying in %.1f s", name, slot.failures, delay, exc_info=exc
+        )
+        with slot.lock:
+            slot.learner, slot.position, slot.inbox, slot.buffered = None, None, [], 0
+        self.report(
+            {
+                "event": "failed",
+                "model_id": str(slot.model_id),
+                "error": f"{type(exc).__name__}: {exc}",
+                "retry_s": delay,
+            }
+        )
+        return time.monotonic() + delay
+
+    def _step_and_commit(self, slot: ModelSlot, learner: ModelLearner, now: float) -> None:
         events, snapshots = drain(learner, self.service.snapshot_interval, now, max_steps=MAX_STEPS_PER_COMMIT)
         if not events:
-            return learner
+            return
         if self.commit_delay_s:
             time.sleep(self.commit_delay_s)
+        if slot.revoked:
+            raise LostLeadership(str(slot.model_id))
         try:
             self.ledger.record(events)
-        except Exception as exc:
-            # Nothing of this drain is learned unless it committed; the log decides.
-            if not isinstance(exc, LedgerError):
-                log.warning("commit of model %s's update failed: %s", self.model_id, exc)
-                self.stop.wait(FAILURE_BACKOFF_S)
-            return self._resync(follower)
-        self.updates_committed += sum(isinstance(e, Model.UpdateApplied) for e in events)
-        save_snapshots(self.service.store, self.model_id, snapshots)
-        return learner
+        except LedgerError:
+            # A rollback or pause (or another leader) took the version: nothing of this
+            # drain is learned unless it committed, and the log says which.
+            self._load(slot)
+            return
+        # Any other error (the database went away) fails the turn: the model is reloaded
+        # after a backoff, and a commit that did happen shows up in ``learned_through``.
+        slot.failures = 0
+        with self._count:
+            self.updates_committed += sum(isinstance(e, Model.UpdateApplied) for e in events)
+        save_snapshots(self.service.store, slot.model_id, snapshots)
 
-    def _resync(self, follower: LogFollower) -> ModelLearner:
-        """Reload the head and its state from the log and re-read the unlearned labels."""
-        model = self.ledger.get_model_by_id(self.model_id)
-        folded = self.service.replayer.state_at(model.id, model.version)
-        learner = ModelLearner(model, folded.state)
-        if not self._warmed:
-            learner.warm_up()
-            self._warmed = True
-        follower.seek(resume_position(self.ledger, model))
-        self.learner = learner
-        self.resyncs += 1
+    def _load(self, slot: ModelSlot) -> ModelLearner:
+        """Reload the head and its state from the log; the reader re-reads what is unlearned."""
+        with slot.lock:
+            slot.position, slot.inbox, slot.buffered = None, [], 0
+        learner = load_learner(self.ledger, self.service.replayer, slot.model_id)
+        position = resume_position(self.ledger, learner.model)
+        with slot.lock:
+            slot.learner, slot.position, slot.stale = learner, position, False
+        self.rewound()
+        model = learner.model
         log.info(
             "model %s: resumed at version %d after log position %d%s",
             model.name,
             model.version,
-            follower.position,
-            " (paused)" if model.paused else "",
+            position,
+            "" if model.learning else " (not learning)",
         )
+        if not slot.announced:
+            slot.announced = True
+            self.report(
+                {
+                    "event": "leading",
+                    "model": model.name,
+                    "model_id": str(slot.model_id),
+                    "version": learner.version,
+                    "position": position,
+                }
+            )
         return learner

@@ -8,10 +8,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from domain.prediction import LABELED_TOPIC, MADE_TOPIC, Prediction, make_prediction_event
 from domain.spec import LearnerSpec
 from server.default_sweeper import DefaultSweeper
-from server.election import ModelLock, lock_key
+from server.election import LockSession, ModelLock, lock_key
 from server.log_follower import LogFollower
 
 SPEC = LearnerSpec(kind="logistic", n_features=2, batch_size=4, feedback_window_s=1.0, default_label=0.0)
@@ -84,6 +86,41 @@ def test_one_lock_holder_per_model_and_takeover(runtime: Any) -> None:
         first.release()
         second.release()
     assert lock_key("a", model.id) != lock_key("b", model.id)  # schemas never contend
+
+
+def test_one_session_holds_many_locks_and_frees_them_all_when_it_dies(runtime: Any) -> None:
+    models = [runtime.service.register_model(f"s{i}", SPEC, "t").id for i in range(30)]
+    first, second = LockSession(runtime.ledger), LockSession(runtime.ledger)
+    try:
+        assert first.try_acquire(models[:20]) == frozenset(models[:20])  # one round trip
+        assert first.try_acquire(models[:20]) == frozenset()  # held already: not taken twice
+        assert second.try_acquire(models) == frozenset(models[20:])  # only the free ones
+        first.release(models[0])
+        assert second.try_acquire(models) == frozenset({models[0]})
+        assert first.alive() and models[0] not in first.held
+
+        # The session dies (as when its process is killed): every lock is free at once,
+        # and the holder learns it from ``alive``.
+        with psycopg.connect(runtime.database.url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (_backend_pid(first),))
+        assert not first.alive() and first.held == frozenset()
+        # No new session until the holder has stopped learning what it lost.
+        assert first.lost and first.try_acquire(models) == frozenset()
+        first.acknowledge()
+        assert second.try_acquire(models) == frozenset(models[1:20])
+    finally:
+        first.close()
+        second.close()
+    third = LockSession(runtime.ledger)
+    try:
+        assert third.try_acquire(models) == frozenset(models)  # close() released them all
+    finally:
+        third.close()
+
+
+def _backend_pid(session: LockSession) -> int:
+    conn: Any = session._conn
+    return int(conn.info.backend_pid)
 
 
 def test_sweeper_records_default_labels_only_for_led_models(runtime: Any) -> None:
