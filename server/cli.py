@@ -287,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.set_defaults(handler=status)
     # Added here rather than beside serve's other flags, so this block stays self-contained.
-    sub.choices["serve"].add_argument(
-        "--alert-webhook",
-        help="POST drift/rollout alerts as JSON to this URL (retried; default $LEARNLEDGER_ALERT_WEBHOOK)",
-    )
+    for command in ("serve", "learn"):
+        sub.choices[command].add_argument(
+            "--alert-webhook",
+            help="POST drift/rollout alerts as JSON to this URL (retried; default $LEARNLEDGER_ALERT_WEBHOOK)",
+        )
     sub.choices["serve"].add_argument(
         "--http-port",
         type=_non_negative_int,

@@ -80,12 +80,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if faults:
         log.warning("%s: the learners of %s will fail on purpose", FAULT_MODELS_VAR, ", ".join(sorted(faults)))
     kick = threading.Event()
+    from server.alerts import Alerts
+
+    alerts = Alerts(
+        lambda model_id: ledger.get_model_by_id(model_id).name,
+        getattr(args, "alert_webhook", None) or os.environ.get("LEARNLEDGER_ALERT_WEBHOOK") or None,
+    )
     runner = ModelRunner(
         runtime.service,
         report=out,
         rewound=kick.set,
         commit_delay_s=float(os.environ.get(COMMIT_DELAY_VAR, "0") or 0),
         fault_models=faults,
+        on_commit=alerts.observe,
     )
     pool = WorkerPool(runner, workers, stop, reader_kick=kick)
     reader = LogDispatcher(ledger, pool, stop, poll_interval_s=args.poll_interval)
@@ -150,6 +157,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         reader_thread.join(JOIN_TIMEOUT_S)
         portfolio.close()
         locks.close()
+        alerts.close()
         runtime.close()
         out(
             {

@@ -118,8 +118,10 @@ class ModelRunner:
         rewound: Callable[[], None],
         commit_delay_s: float = 0.0,
         fault_models: frozenset[str] = frozenset(),
+        on_commit: Callable[[list[Any]], None] | None = None,
     ):
         self.service = service
+        self.on_commit = on_commit  # e.g. alerts on drift and rollout events, after they committed
         self.ledger = service.ledger
         self.report = report
         self.rewound = rewound  # tells the reader a slot wants the log from further back
@@ -211,6 +213,8 @@ class ModelRunner:
         # Any other error (the database went away) fails the turn: the model is reloaded
         # after a backoff, and a commit that did happen shows up in ``learned_through``.
         slot.failures = 0
+        if self.on_commit is not None:
+            self.on_commit(events)
         with self._count:
             self.updates_committed += sum(isinstance(e, Model.UpdateApplied) for e in events)
         save_snapshots(self.service.store, slot.model_id, snapshots)
