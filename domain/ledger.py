@@ -140,9 +140,9 @@ class Ledger(Application):
         model: Model = self.repository.get(head.id, version=version)
         return model
 
-    def get_model_events(self, model_id: UUID, *, lte: int | None = None) -> list[Any]:
-        """Every event of one model, oldest first (up to version ``lte``)."""
-        return list(self.events.get(model_id, lte=lte))
+    def get_model_events(self, model_id: UUID, *, gt: int | None = None, lte: int | None = None) -> list[Any]:
+        """The events of one model, oldest first (after version ``gt``, up to ``lte``)."""
+        return list(self.events.get(model_id, gt=gt, lte=lte))
 
     def list_models(self) -> list[Model]:
         """All registered models, in registration order."""

@@ -15,6 +15,7 @@ from uuid import UUID
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
 from domain.ledger import MODEL_REGISTERED_TOPIC
@@ -103,18 +104,12 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "SELECT notification_id, originator_id, originator_version, topic, state FROM {schema}.{table} "
             "WHERE notification_id BETWEEN %s AND %s ORDER BY notification_id"
         ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+        # Binary mode and plain tuples: the text protocol hex-decodes every bytea and the
+        # default factory builds a dict per row, twice the cost of the read itself
+        # (measured in bench/replay.py: ~90k rows/s against ~190k).
+        with self.datastore.get_connection() as conn, conn.cursor(binary=True, row_factory=tuple_row) as curs:
             curs.execute(statement, (first, last))
-            return [
-                (
-                    int(r["notification_id"]),
-                    r["originator_id"],
-                    int(r["originator_version"]),
-                    r["topic"],
-                    bytes(r["state"]),
-                )
-                for r in curs.fetchall()
-            ]
+            return [(int(n), oid, int(v), topic, bytes(state)) for n, oid, v, topic, state in curs.fetchall()]
 
     def put_seal_leaves(self, leaves: Sequence[tuple[int, bytes]]) -> None:
         """Store leaf hashes (idempotent: a position's leaf never changes)."""
