@@ -438,3 +438,16 @@ def _finite_figures(figures: dict[str, float]) -> dict[str, float]:
     # Events refuse NaN/inf; a figure that is not finite (a diverged candidate's loss) is
     # recorded as the sentinel -1 with the verdict saying why.
     return {k: float(_finite_or_sentinel(float(v))) for k, v in figures.items()}
+
+
+# Events after which the learner state is what it was before (the fold's no-op rules):
+# a refused update, a pause or resume, a detection, a rollout stage advancing, and a
+# rollout completing (its candidate's state is the head state already).
+STATE_KEEPING_EVENTS: tuple[type, ...] = (
+    Model.UpdateRejected,
+    Model.Paused,
+    Model.Resumed,
+    Model.DriftDetected,
+    Model.RolloutAdvanced,
+    Model.RolloutCompleted,
+)

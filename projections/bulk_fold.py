@@ -36,7 +36,7 @@ import orjson
 
 from domain.errors import VersionNotFoundError
 from domain.ledger import Ledger
-from domain.model import Model
+from domain.model import STATE_KEEPING_EVENTS, Model
 from domain.prediction import DEFAULT_LABELED_TOPIC, LABELED_TOPIC, MADE_TOPIC, PREDICTION_TOPIC
 from domain.spec import LearnerSpec
 from projections.digest import state_digest, state_from_bytes, state_to_bytes
@@ -338,15 +338,7 @@ class _BulkFolder:
                         state = resolve(target)
                     else:
                         raise ReplayError(f"version {version}: rollback to version {target}, which precedes nothing")
-                case Model.RolloutCompleted():
-                    pass  # the candidate's state is the head state already
-                case (
-                    Model.UpdateRejected()
-                    | Model.Paused()
-                    | Model.Resumed()
-                    | Model.DriftDetected()
-                    | Model.RolloutAdvanced()
-                ):
+                case _ if isinstance(event, STATE_KEEPING_EVENTS):
                     pass
                 case _:
                     raise UnknownEventError(f"version {version}: no fold rule for {type(event).__name__}")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from domain.ledger import Ledger
-from domain.model import Model
+from domain.model import STATE_KEEPING_EVENTS, Model
 from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.learners import LearnerState, make_batch, make_learner
@@ -130,14 +130,7 @@ class Refolder:
                     state = refit(spec, self.learner, x, y, epochs)
                 case Model.RolledBack(to_version=target) | Model.RolloutAborted(to_version=target):
                     state = kept[target] if target in kept else self.state_at(target)
-                case (
-                    Model.UpdateRejected()
-                    | Model.Paused()
-                    | Model.Resumed()
-                    | Model.DriftDetected()
-                    | Model.RolloutAdvanced()
-                    | Model.RolloutCompleted()
-                ):
+                case _ if isinstance(event, STATE_KEEPING_EVENTS):
                     pass
                 case _:
                     raise UnknownEventError(f"version {version}: no fold rule for {type(event).__name__}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from domain.errors import LedgerError, VersionNotFoundError
 from domain.ledger import Ledger
-from domain.model import Model
+from domain.model import STATE_KEEPING_EVENTS, Model
 from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.digest import state_digest, state_from_bytes, state_to_bytes
@@ -213,15 +213,7 @@ class Replayer:
                     state = refit(head.spec, learner, x, y, epochs)
                 case Model.RolledBack(to_version=target) | Model.RolloutAborted(to_version=target):
                     state = self.state_at(model_id, target, use_snapshots=use_snapshots).state
-                case Model.RolloutCompleted():
-                    pass  # the candidate's state is the head state already
-                case (
-                    Model.UpdateRejected()
-                    | Model.Paused()
-                    | Model.Resumed()
-                    | Model.DriftDetected()
-                    | Model.RolloutAdvanced()
-                ):
+                case _ if isinstance(event, STATE_KEEPING_EVENTS):
                     pass
                 case _:
                     raise UnknownEventError(f"version {version}: no fold rule for {type(event).__name__}")

@@ -49,51 +49,46 @@ class ServedModel:
 def served_from_log(replayer: Any, model: Model) -> ServedModel:
     """What serves ``model`` per the log: its head, or during a rollout the champion
     (recorded as the serving version) with the candidate beside it."""
-    rollout = model.rollout
-    if rollout is None:
-        folded = replayer.state_at(model.id, model.version)
-        return ServedModel(model.id, model.name, model.spec, model.version, folded.digest, folded.state, model.paused)
+    if model.rollout is None:
+        head = replayer.state_at(model.id, model.version)
+        return _served(model, model.version, head.state, head.digest)
     champion = replayer.state_at(model.id, model.serving_version)
-    candidate = replayer.state_at(model.id, rollout.candidate_version)
-    arm = ServedModel(
-        model.id, model.name, model.spec, rollout.candidate_version, candidate.digest, candidate.state, model.paused
-    )
-    return ServedModel(
-        model.id,
-        model.name,
-        model.spec,
-        model.serving_version,
-        champion.digest,
-        champion.state,
-        model.paused,
-        candidate=arm,
-        fraction=rollout.fraction,
-    )
+    candidate = replayer.state_at(model.id, model.rollout.candidate_version)
+    return _served(model, model.serving_version, champion.state, champion.digest, (candidate.state, candidate.digest))
 
 
 def served_by(learner: ModelLearner) -> ServedModel:
     """What a learner's model serves now: its head, or during a rollout the champion with
     the candidate (the learner's head state) beside it."""
     model = learner.model
-    rollout = model.rollout
-    if rollout is None or learner.champion is None:
-        return ServedModel(
-            model.id, model.name, model.spec, learner.version, learner.digest, learner.state, model.paused
-        )
+    if model.rollout is None or learner.champion is None:
+        return _served(model, learner.version, learner.state, learner.digest)
     state, digest = learner.champion
-    arm = ServedModel(
-        model.id, model.name, model.spec, rollout.candidate_version, learner.digest, learner.state, model.paused
-    )
+    return _served(model, model.serving_version, state, digest, (learner.state, learner.digest))
+
+
+def _served(
+    model: Model,
+    version: int,
+    state: LearnerState,
+    digest: str,
+    candidate: tuple[LearnerState, str] | None = None,
+) -> ServedModel:
+    arm = None
+    if candidate is not None and model.rollout is not None:
+        arm = ServedModel(
+            model.id, model.name, model.spec, model.rollout.candidate_version, candidate[1], candidate[0], model.paused
+        )
     return ServedModel(
         model.id,
         model.name,
         model.spec,
-        model.serving_version,
+        version,
         digest,
         state,
         model.paused,
         candidate=arm,
-        fraction=rollout.fraction,
+        fraction=model.rollout.fraction if arm is not None and model.rollout is not None else 0.0,
     )
 
 
