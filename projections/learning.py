@@ -172,9 +172,8 @@ class ModelLearner:
             example = self.buffer.popleft()
             (holdout if in_holdout(policy, example.prediction_id) else trained).append(example)
             last = example.prediction_id  # the learner resumes after the last one consumed
-        rows = [*(e.as_example() for e in trained), *replayed]
-        x = np.asarray([e.features for e in rows], dtype=np.float64)
-        y = np.asarray([e.label for e in rows], dtype=np.float64)
+        x = np.asarray([*(e.features for e in trained), *(e.features for e in replayed)], dtype=np.float64)
+        y = np.asarray([*(e.label for e in trained), *(e.label for e in replayed)], dtype=np.float64)
         ids = tuple(e.prediction_id for e in trained)
         holdout_ids = tuple(e.prediction_id for e in holdout)
         replayed_ids = tuple(e.prediction_id for e in replayed)
@@ -196,9 +195,11 @@ class ModelLearner:
             self.state, self.digest = candidate, digest
         else:
             self.model.reject_update(ids, verdict.reason, loss_before, loss_after, self.actor, **extra)
-        found = self.safety.after_update(
-            [e.as_example() for e in trained], [e.as_example() for e in holdout], verdict.accepted, self.state
-        )
+        found = None
+        if policy.stateful:  # the default policy keeps no windows: nothing to remember
+            found = self.safety.after_update(
+                [e.as_example() for e in trained], [e.as_example() for e in holdout], verdict.accepted, self.state
+            )
         if found is not None:
             self._act_on_drift(found)
         return list(self.model.collect_events())
