@@ -346,6 +346,7 @@ def _simulate_and_verify(
         "log_loss": result.log_loss,
         "rmse": result.rmse,
         "seconds": round(result.seconds, 3),
+        "setup_s": result.extra.get("setup_s", 0.0),
         "examples_per_s": round(result.examples_per_s, 1),
         "audit_verified": bool(audit["verified"]),
         "versions_checked": audit["versions_checked"],
@@ -363,7 +364,10 @@ def _result_text(r: dict[str, Any]) -> str:
         lines.append(f"  prequential    accuracy {r['accuracy']:.4f}, log loss {r['log_loss']:.4f}")
     if r.get("rmse") is not None:
         lines.append(f"  prequential    rmse {r['rmse']:.4f}")
-    lines.append(f"  throughput     {r['examples_per_s']:,.0f} examples/s, every event committed")
+    lines.append(
+        f"  throughput     {r['examples_per_s']:,.0f} examples/s, every event committed "
+        f"(after {r['setup_s']:.1f} s loading and compiling the learner)"
+    )
     lines.append(
         f"  audit          {'verified' if r['audit_verified'] else 'FAILED'} "
         f"({r['versions_checked']} versions replayed)"
