@@ -300,6 +300,7 @@ class SafetyContext:
     def __init__(self, spec: LearnerSpec):
         self.spec = spec
         self.holdout: deque[Example] = deque(maxlen=spec.policy.holdout_size)
+        self._empty = (np.zeros((0, spec.n_features)), np.zeros((0,)))
         self.drift = DriftMonitor(spec)
         self.replay = ReplayPool(spec.policy)
         # The head state after each of the last updates (accepted or not), newest last:
@@ -311,6 +312,8 @@ class SafetyContext:
 
     def holdout_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The gate's holdout window as (features, labels)."""
+        if not self.holdout:  # the default policy, every step: no arrays to build
+            return self._empty
         x = np.asarray([e.features for e in self.holdout], dtype=np.float64).reshape(-1, self.spec.n_features)
         y = np.asarray([e.label for e in self.holdout], dtype=np.float64)
         return x, y

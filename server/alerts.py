@@ -25,6 +25,7 @@ from domain.model import Model
 log = logging.getLogger("learnledger.alerts")
 
 ALERTING = (Model.DriftDetected, Model.RolloutAborted, Model.Rebaselined)
+_ALERTING_TYPES = frozenset(ALERTING)  # a set lookup per event: commits carry thousands of labels
 QUEUE_LIMIT = 10_000
 
 
@@ -80,7 +81,7 @@ class Alerts:
     def observe(self, events: Sequence[Any], _ids: Sequence[int] | None = None) -> None:
         """Writer listener: log and queue an alert for each alerting event (never blocks)."""
         for event in events:
-            if not isinstance(event, ALERTING):
+            if type(event) not in _ALERTING_TYPES:
                 continue
             body = alert_payload(event, self.model_name(event.originator_id))
             log.warning("alert %s on model %s", body["alert"], body["model"], extra={"alert": body})

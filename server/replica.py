@@ -127,13 +127,23 @@ class ReplicaFollower:
         return served
 
     def _fold_page(self, events: list[Any]) -> None:
-        # One read of every prediction the page's updates learned from.
+        # One read of the predictions of the updates this process does not serve yet. With
+        # the learner in process, every update is published before the follower sees it:
+        # reading its batch back cost ~4 % of a busy server's CPU for nothing.
         ids = [
-            pid for e in events if isinstance(e, Model.UpdateApplied) for pid in (*e.prediction_ids, *e.replayed_ids)
+            pid
+            for e in events
+            if isinstance(e, Model.UpdateApplied) and self._unserved(e)
+            for pid in (*e.prediction_ids, *e.replayed_ids)
         ]
         known = self.ledger.get_predictions(ids) if ids else {}
         for event in events:
             self._fold(event, known)
+
+    def _unserved(self, event: Any) -> bool:
+        name = self._names.get(event.originator_id)
+        served = self.catalog.peek(name) if name is not None else None
+        return served is None or event.originator_version > served.version
 
     def _fold(self, event: Any, known: dict[UUID, Prediction]) -> None:
         if isinstance(event, Model.Registered):
