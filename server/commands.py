@@ -285,6 +285,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = run_grpc_demo(rt.service, args.model, spec, stream.x, stream.y, delays, progress=show)
         if not args.json:
             print(file=sys.stderr)
+        result["safety"] = _safety_summary(rt, args.model)
         rt.service.seal("demo")
         seals = rt.service.verify_seals()
         result["seals_verified"] = seals.verified
@@ -300,11 +301,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  prequential    accuracy {result['prequential_accuracy']:.4f}, log loss {result['log_loss']:.4f} "
         f"(concept drifts at {', '.join(map(str, stream.drift_at))})\n"
         f"  throughput     {result['examples_per_s']:,.0f} examples/s end to end, every event committed\n"
+        f"  safety         {_safety_text(result['safety'])}\n"
         f"  audit          {'verified' if result['audit_verified'] else 'FAILED'} "
         f"({result['versions_checked']} versions replayed from genesis)"
     )
     emit(args, result, text)
     return 0 if result["audit_verified"] else EXIT_DIVERGED
+
+
+def _safety_summary(rt: Runtime, name: str) -> dict[str, Any]:
+    """What the model's safety policy did: gate refusals, detections, rebaselines, rollouts."""
+    from domain.model import Model
+
+    model = rt.ledger.get_model(name)
+    events = rt.ledger.get_model_events(model.id)
+    return {
+        "updates_rejected": model.updates_rejected,
+        "drift_detected_at_version": [e.originator_version for e in events if isinstance(e, Model.DriftDetected)],
+        "rebaselines": model.rebaselines,
+        "rollouts_completed": sum(isinstance(e, Model.RolloutCompleted) for e in events),
+        "rollouts_aborted": sum(isinstance(e, Model.RolloutAborted) for e in events),
+        "rollout_in_progress": model.rollout is not None,
+    }
+
+
+def _safety_text(s: dict[str, Any]) -> str:
+    drift = ", ".join(f"v{v}" for v in s["drift_detected_at_version"]) or "none"
+    return (
+        f"{s['updates_rejected']} update(s) refused by the gate; drift detected at {drift}; "
+        f"{s['rebaselines']} rebaseline(s), {s['rollouts_completed']} rollout(s) completed, "
+        f"{s['rollouts_aborted']} aborted" + ("; a rollout is in progress" if s["rollout_in_progress"] else "")
+    )
 
 
 def _simulate_and_verify(
