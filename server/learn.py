@@ -167,8 +167,12 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 "default_labels": sweeper.recorded,
             }
         )
-    # The handlers stay: a SIGTERM arriving while this process exits must not turn a clean
-    # shutdown into a kill (the command is the process; nothing runs after it).
+    # Shut down cleanly: from here on a further SIGTERM/SIGINT is ignored. Keeping our
+    # handler is not enough: interpreter finalization resets Python-level handlers to
+    # SIG_DFL (but leaves SIG_IGN alone), so a second SIGTERM arriving while the process
+    # exits killed it with -15 (the crash test sends one per process, twice).
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     return 0
 
 
