@@ -188,15 +188,16 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, key: str, body: str) -> None:
-    """Replace the text between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path``."""
+def replace_section(path: Path, key: str, body: str, heading: str = "") -> None:
+    """Replace the text between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path``
+    (every bench writes its table this way); a missing section is appended, under ``heading``."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else ""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{body}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
+        text = text.rstrip() + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
     path.write_text(text)
 
 

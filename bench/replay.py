@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -42,6 +41,7 @@ import psycopg  # noqa: E402
 from psycopg.rows import tuple_row  # noqa: E402
 from psycopg.sql import SQL, Identifier  # noqa: E402
 
+from bench.learners import replace_section  # noqa: E402
 from domain.model import Model  # noqa: E402
 from domain.spec import LearnerSpec  # noqa: E402
 from projections.bulk_fold import BulkFoldStats, ReadRows, verify_fast  # noqa: E402
@@ -54,7 +54,6 @@ from server.simulate import run_simulation  # noqa: E402
 from server.streams import drifting_binary_stream, random_label_delays  # noqa: E402
 
 README = ROOT / "bench" / "README.md"
-START, END = "<!-- replay:start -->", "<!-- replay:end -->"
 HEADING = "## `bench/replay.py` — full-history `audit verify` against an in-memory JAX loop"
 TARGET = 0.5
 
@@ -83,7 +82,7 @@ def main() -> int:
     text = _report(rows, args, schema)
     print(json.dumps(rows, indent=1) if args.json else text)
     if not args.no_readme:
-        _write_readme(text)
+        replace_section(README, "replay", text, HEADING)
     return 0
 
 
@@ -266,16 +265,6 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, schema: str) -
             f"{b['other']} | {r['fast_binary_read_s']} | {r['fast_first_run_ex_s']:,} |"
         )
     return "\n".join(lines)
-
-
-def _write_readme(text: str) -> None:
-    content = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in content and END in content:
-        content = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S)
-    else:
-        content = content.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-    README.write_text(content)
 
 
 if __name__ == "__main__":

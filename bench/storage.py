@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 import zlib
@@ -44,6 +43,7 @@ import psycopg  # noqa: E402
 from eventsourcing.compressor import ZlibCompressor  # noqa: E402
 from eventsourcing.utils import get_topic  # noqa: E402
 
+from bench.learners import replace_section  # noqa: E402
 from domain.ledger import Ledger  # noqa: E402
 from domain.prediction import LABELED_TOPIC, MADE_TOPIC  # noqa: E402
 from domain.spec import LearnerSpec  # noqa: E402
@@ -53,7 +53,6 @@ from server.simulate import run_simulation  # noqa: E402
 from server.streams import drifting_binary_stream, random_label_delays  # noqa: E402
 
 README = ROOT / "bench" / "README.md"
-START, END = "<!-- storage:start -->", "<!-- storage:end -->"
 HEADING = "## `bench/storage.py` — bytes on disk per prediction, and what compression saves"
 TABLE = "ledger_events"
 # Fields a leaner Made/Labeled could drop because the log already holds them: the params
@@ -101,7 +100,7 @@ def main() -> int:
     text = _report(result, args, schema)
     print(json.dumps(result, indent=1) if args.json else text)
     if not args.no_readme:
-        _write_readme(text)
+        replace_section(README, "storage", text, HEADING)
     return 0
 
 
@@ -257,16 +256,6 @@ def _report(r: dict[str, Any], args: argparse.Namespace, schema: str) -> str:
         parts = ", ".join(f"`{k}` {b:.0f} ({share:.0%})" for k, b, share in fields)
         lines.append(f"- `{topic.split(':')[-1]}`: {parts}")
     return "\n".join(lines)
-
-
-def _write_readme(text: str) -> None:
-    content = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in content and END in content:
-        content = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S)
-    else:
-        content = content.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-    README.write_text(content)
 
 
 if __name__ == "__main__":

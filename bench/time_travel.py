@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ configure_jax_determinism()
 import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
 
+from bench.learners import replace_section  # noqa: E402
 from domain.spec import LearnerSpec  # noqa: E402
 from projections.bulk_fold import state_at_fast  # noqa: E402
 from server.bootstrap import Runtime, Settings, build  # noqa: E402
@@ -45,7 +45,6 @@ from server.streams import drifting_binary_stream, random_label_delays  # noqa: 
 
 README = ROOT / "bench" / "README.md"
 PNG = ROOT / "bench" / "time_travel.png"
-START, END = "<!-- time-travel:start -->", "<!-- time-travel:end -->"
 HEADING = "## `bench/time_travel.py` — `at --version V` latency as the history grows"
 CHUNK = 100_000  # examples simulated per call: bounds the driver's memory
 
@@ -99,7 +98,7 @@ def main() -> int:
     print(json.dumps(rows, indent=1) if args.json else text)
     if not args.no_readme:
         _plot(rows, interval)
-        _write_readme(text)
+        replace_section(README, "time-travel", text, HEADING)
     return 0
 
 
@@ -208,16 +207,6 @@ def _plot(rows: list[dict[str, Any]], interval: int) -> None:
     fig.tight_layout()
     fig.savefig(PNG)
     plt.close(fig)
-
-
-def _write_readme(text: str) -> None:
-    content = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in content and END in content:
-        content = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S)
-    else:
-        content = content.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-    README.write_text(content)
 
 
 if __name__ == "__main__":
