@@ -4,10 +4,14 @@
 (pydantic, aggregate objects), one ``make_batch`` and one jitted dispatch per update. This
 module folds the same recorded decisions faster, and bit-identically:
 
-- **Reads**: the log is read forward once, in ranges of ``PAGE_ROWS`` positions
-  (``LedgerRecorder.select_rows``), from the model's registration on; rows are decoded
-  straight from their orjson bytes (no pydantic, no aggregates) and the features of
-  ``PAGE_EXAMPLES`` examples become one padded numpy array.
+- **Reads**: the log is read forward once, in ranges of ``PAGE_ROWS`` positions, from the
+  model's registration on. PostgreSQL cuts each range down to the model's facts
+  (``LedgerRecorder.select_example_page``: ids, the features' JSON text, label values,
+  one string each), so a range becomes arrays with a few C-level parses and no Python
+  per row; examples live in a ring of numpy arrays indexed by prediction id, and a run
+  of updates gathers its ``PAGE_EXAMPLES`` examples with one fancy index. The model's
+  own ``UpdateApplied`` rows are decoded straight from orjson (prediction ids stay
+  strings) unless its safety policy needs the typed events for the audit.
 - **Compute**: every recorded batch is padded to ``spec.batch_size`` rows, so all batches
   of a model have one shape, and runs of consecutive ``UpdateApplied`` events are folded
   by ``jax.lax.scan`` over the *same* jitted ``update_step``, many steps per call; the scan
@@ -33,11 +37,13 @@ from uuid import UUID
 import jax
 import numpy as np
 import orjson
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
 
 from domain.errors import VersionNotFoundError
 from domain.ledger import Ledger
 from domain.model import STATE_KEEPING_EVENTS, Model
-from domain.prediction import DEFAULT_LABELED_TOPIC, LABELED_TOPIC, MADE_TOPIC, PREDICTION_TOPIC
+from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.digest import state_digest, state_from_bytes, state_to_bytes
 from projections.learners import Batch, Learner, LearnerState, Metrics, make_batch, make_learner
@@ -51,7 +57,7 @@ from projections.replay import (
     VerifyReport,
     _recorded_digest,  # the replay's own list of digest-carrying events, kept in step
 )
-from projections.store import LedgerRecorder
+from projections.store import ExamplePage, LedgerRecorder
 
 # Most steps one scan call folds. Chunks are padded up to a power of two (at least
 # MIN_CHUNK_STEPS), so a spec compiles at most log2(128 / 8) + 1 = 5 scan shapes.
@@ -61,16 +67,16 @@ MIN_CHUNK_STEPS = 8
 # Made + Labeled). ~20k rows of ~400 bytes: ~8 MB a page.
 PAGE_EXAMPLES = 16_384
 PAGE_ROWS = 20_000
-PREDICTION_EVENT_PREFIX = PREDICTION_TOPIC + "."
 # Read the next range of the log on a second thread while a range is decoded.
 READ_AHEAD = True
-# Used examples kept for batches that name them again (a replay buffer); older ones are
-# re-read through the typed path.
-USED_CACHE = 1 << 18
+# The examples kept in memory: the newest RING_ROWS read (fewer for wide feature vectors,
+# at most RING_BYTES of features), enough for labels delayed by hundreds of thousands of
+# predictions and for replay buffers; a batch naming an older one takes the typed path.
+RING_ROWS = 1 << 19
+RING_BYTES = 256 << 20
+UPDATE_APPLIED_TOPIC = get_topic(Model.UpdateApplied)
 
 ScanFold = Callable[[LearnerState, Batch], tuple[LearnerState, tuple[LearnerState, Metrics]]]
-# (first, last) -> rows (notification_id, originator_id, originator_version, topic, state)
-ReadRows = Callable[[int, int], Sequence[tuple[int, UUID, int, str, bytes]]]
 
 
 @dataclass
@@ -81,6 +87,10 @@ class BulkFoldStats:
     examples: int = 0
     scanned_steps: int = 0
     stepwise_steps: int = 0
+    # Runs of updates whose examples came as arrays from the ring, and runs that took
+    # the example-by-example path (something unusual, or no PostgreSQL).
+    gathered_runs: int = 0
+    example_runs: int = 0
     read_s: float = 0.0
     decode_s: float = 0.0
     fold_s: float = 0.0
@@ -97,6 +107,26 @@ class FoldedDigest:
     digest: str
 
 
+@dataclass(frozen=True)
+class RecordedUpdate:
+    """A ``Model.UpdateApplied`` read straight from its orjson bytes: what the fold needs of it.
+
+    Prediction ids stay strings, the form the example reader keys them by: validating
+    ~64 ids an update into ``UUID`` objects was most of the time it took to read a
+    model's history. ``stored`` is kept so that the typed event (and the typed
+    decoder's verdict on a malformed row) is one call away.
+    """
+
+    originator_version: int
+    digest: str
+    prediction_ids: tuple[str, ...]
+    replayed_ids: tuple[str, ...]
+    stored: StoredEvent
+
+
+UPDATE_EVENTS = (Model.UpdateApplied, RecordedUpdate)
+
+
 def verify_fast(
     ledger: Ledger,
     model_id: UUID,
@@ -104,7 +134,6 @@ def verify_fast(
     snapshot_interval: int | None = None,
     stats: BulkFoldStats | None = None,
     max_chunk_steps: int = MAX_CHUNK_STEPS,
-    read_rows: ReadRows | None = None,
 ) -> VerifyReport:
     """Replay a model from genesis and compare every recorded digest: ``Replayer.verify``, faster.
 
@@ -115,9 +144,6 @@ def verify_fast(
             parameter snapshot at every version divisible by it, as ``Replayer`` does.
         stats: filled with timings and step counts when given.
         max_chunk_steps: most update steps folded per jitted call.
-        read_rows: reads the raw rows of a range of log positions; default
-            ``LedgerRecorder.select_rows`` (another reader of the same rows, e.g. a
-            binary-mode cursor, gives the same result faster).
 
     Returns:
         The same ``VerifyReport`` ``Replayer(ledger).verify(model_id)`` returns: the count
@@ -125,11 +151,10 @@ def verify_fast(
     """
     from projections.platform import platform_differences
 
-    head = ledger.get_model_by_id(model_id)
+    head, events = _model_history(ledger, model_id)
     report = VerifyReport(model=head.name, versions_checked=0, updates_replayed=0)
     report.platform_differences = platform_differences(head.platform)
-    folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, snapshot_interval, read_rows)
-    events = ledger.get_model_events(model_id)
+    folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, snapshot_interval)
     # Models with a stateful safety policy also have every gate verdict, replay choice
     # and drift detection re-derived, from the states before and after each event.
     auditor = SafetyAuditor(ledger, head, folder.learner) if head.spec.policy.stateful else None
@@ -137,7 +162,7 @@ def verify_fast(
     try:
         for index, (event, folded, state) in enumerate(folder.fold(events)):
             report.versions_checked += 1
-            if isinstance(event, Model.UpdateApplied):
+            if isinstance(event, UPDATE_EVENTS):
                 report.updates_replayed += 1
             if folded.recorded is not None and folded.recorded != folded.digest:
                 report.divergence = Divergence(folded.version, folded.event, folded.recorded, folded.digest)
@@ -179,7 +204,7 @@ def state_at_fast(ledger: Ledger, model_id: UUID, version: int | None = None) ->
     if not 1 <= target <= head.version:
         raise VersionNotFoundError(f"model {head.name!r} has versions 1 to {head.version}, not {target}")
     # Few updates follow a snapshot: their examples come by id, not by a pass over the log.
-    folder = _BulkFolder(ledger, head, BulkFoldStats(), MAX_CHUNK_STEPS, None, None, sequential=False)
+    folder = _BulkFolder(ledger, head, BulkFoldStats(), MAX_CHUNK_STEPS, None, sequential=False)
     start: LearnerState | None = None
     after = 0
     if folder.store is not None:
@@ -209,7 +234,6 @@ def replayed_digests(
     *,
     stats: BulkFoldStats | None = None,
     max_chunk_steps: int = MAX_CHUNK_STEPS,
-    read_rows: ReadRows | None = None,
 ) -> list[FoldedDigest]:
     """The bulk fold's digest at every version of a model, oldest first.
 
@@ -218,9 +242,6 @@ def replayed_digests(
         model_id: the model's aggregate id.
         stats: filled with timings and step counts when given.
         max_chunk_steps: most update steps folded per jitted call.
-        read_rows: reads the raw rows of a range of log positions; default
-            ``LedgerRecorder.select_rows`` (another reader of the same rows, e.g. a
-            binary-mode cursor, gives the same result faster).
 
     Returns:
         One ``FoldedDigest`` per version.
@@ -228,12 +249,53 @@ def replayed_digests(
     Raises:
         ReplayError: the log cannot be folded (e.g. a batch names a missing prediction).
     """
-    head = ledger.get_model_by_id(model_id)
-    folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, None, read_rows)
+    head, events = _model_history(ledger, model_id)
+    folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, None)
     try:
-        return [folded for _, folded, _ in folder.fold(ledger.get_model_events(model_id))]
+        return [folded for _, folded, _ in folder.fold(events)]
     finally:
         folder.close()
+
+
+def _model_history(ledger: Ledger, model_id: UUID) -> tuple[Model, list[Any]]:
+    """The model (as far as replay needs it) and its events, oldest first.
+
+    With the PostgreSQL recorder and plain orjson rows, ``UpdateApplied`` events come back
+    as ``RecordedUpdate`` and the head is the registered model (name, spec, platform are
+    fixed at registration), so the history is not decoded twice. A stateful safety
+    policy gets the typed events and the full head: its audit reads both.
+    """
+    recorder: Any = ledger.recorder
+    mapper: Any = ledger.mapper
+    if not isinstance(recorder, LedgerRecorder) or mapper.compressor or mapper.cipher:
+        return ledger.get_model_by_id(model_id), ledger.get_model_events(model_id)
+    stored = recorder.select_events(model_id)
+    if not stored:
+        return ledger.get_model_by_id(model_id), []  # raises the ledger's not-found error
+    registered = mapper.to_domain_event(stored[0])
+    if not isinstance(registered, Model.Registered) or registered.spec.policy.stateful:
+        return ledger.get_model_by_id(model_id), [mapper.to_domain_event(e) for e in stored]
+    head = registered.mutate(None)
+    assert isinstance(head, Model)
+    events: list[Any] = [registered]
+    for row in stored[1:]:
+        update = _recorded_update(row) if row.topic == UPDATE_APPLIED_TOPIC else None
+        events.append(update if update is not None else mapper.to_domain_event(row))
+    return head, events
+
+
+def _recorded_update(row: StoredEvent) -> RecordedUpdate | None:
+    """An ``UpdateApplied`` row as a ``RecordedUpdate``; None when only the typed decoder should judge it."""
+    try:
+        data = orjson.loads(row.state)
+    except orjson.JSONDecodeError:
+        return None
+    digest, ids, replayed = data.get("digest"), data.get("prediction_ids"), data.get("replayed_ids", [])
+    if "class_version" in data or not isinstance(digest, str) or not isinstance(ids, list):
+        return None
+    if not isinstance(replayed, list):
+        return None
+    return RecordedUpdate(row.originator_version, digest, tuple(ids), tuple(replayed), row)
 
 
 @functools.lru_cache(maxsize=256)
@@ -265,7 +327,6 @@ class _BulkFolder:
         stats: BulkFoldStats,
         max_chunk_steps: int,
         snapshot_interval: int | None,
-        read_rows: ReadRows | None,
         sequential: bool = True,
     ):
         self.ledger = ledger
@@ -278,16 +339,18 @@ class _BulkFolder:
         self.store: LedgerRecorder | None = recorder if isinstance(recorder, LedgerRecorder) else None
         self.snapshot_interval = snapshot_interval if self.store is not None else None
         mapper: Any = ledger.mapper
-        self.examples: _TypedExamples | _LogExamples = _TypedExamples(ledger, stats)
-        # Raw orjson decoding is only the stored format when nothing wraps the bytes.
-        if sequential and self.store is not None and not mapper.compressor and not mapper.cipher:
-            reader = read_rows or self.store.select_rows
-            self.examples = _LogExamples(ledger, self.store, head.id, reader, stats)
+        self.mapper = mapper
+        self.examples: _TypedExamples | _PagedExamples = _TypedExamples(ledger, stats)
+        # Cutting facts out of the orjson text is only right when the bytes are plain
+        # orjson and no stored prediction event needs upcasting.
+        plain = not mapper.compressor and not mapper.cipher
+        if sequential and self.store is not None and plain and _prediction_events_are_v1():
+            self.examples = _PagedExamples(ledger, self.store, head.id, self.spec.n_features, stats)
         self.diverged = False
 
     def close(self) -> None:
         """Release the reader (its read-ahead thread)."""
-        if isinstance(self.examples, _LogExamples):
+        if isinstance(self.examples, _PagedExamples):
             self.examples.close()
 
     def fold(
@@ -311,12 +374,12 @@ class _BulkFolder:
             event = events[i]
             version = event.originator_version
             match event:
-                case Model.UpdateApplied():
+                case Model.UpdateApplied() | RecordedUpdate():
                     if state is None:
                         raise ReplayError(f"version {version}: an update before registration")
                     j, taken = i, 0
-                    while j < len(events) and taken < PAGE_EXAMPLES and isinstance(events[j], Model.UpdateApplied):
-                        taken += len(_batch_ids(events[j]))
+                    while j < len(events) and taken < PAGE_EXAMPLES and isinstance(events[j], UPDATE_EVENTS):
+                        taken += len(events[j].prediction_ids) + len(events[j].replayed_ids)
                         j += 1
                     page = self._fold_page(state, events[i:j])
                     for update, (digest, after) in zip(events[i:j], page, strict=False):
@@ -354,6 +417,8 @@ class _BulkFolder:
             kept[version] = state
         if self.snapshot_interval and self.store is not None and version % self.snapshot_interval == 0:
             self.store.put_snapshot(self.head.id, version, digest, state_to_bytes(state))
+        if isinstance(event, RecordedUpdate):
+            return FoldedDigest(version, "UpdateApplied", event.digest, digest)
         return FoldedDigest(version, type(event).__name__, _recorded_digest(event), digest)
 
     def _fold_page(self, state: LearnerState, updates: Sequence[Any]) -> Iterator[tuple[str, LearnerState]]:
@@ -413,38 +478,58 @@ class _BulkFolder:
         Stops before the first update whose batch cannot be built and returns its error
         (the same message ``examples_for`` raises) for the caller to raise in its turn.
         """
-        facts = self.examples.take([pid for update in updates for pid in _batch_ids(update)])
+        keys = [key for update in updates for key in _batch_keys(update)]
+        counts = np.fromiter((len(_batch_keys(u)) for u in updates), np.int64, len(updates))
+        if isinstance(self.examples, _PagedExamples):
+            gathered = self.examples.gather(keys)
+            if gathered is not None:
+                started = time.perf_counter()
+                batches = _stack(self.spec, counts, *gathered)
+                self.stats.decode_s += time.perf_counter() - started
+                self.stats.updates += len(updates)
+                self.stats.examples += len(keys)
+                self.stats.gathered_runs += 1
+                return batches, None
+        # Something is unusual (missing, unlabeled, late, of another model, evicted,
+        # upcast): example by example, with the typed events and the typed reader's word.
+        self.stats.example_runs += 1
+        updates = [self._typed(update) for update in updates]
+        facts = self.examples.take([key for update in updates for key in _batch_keys(update)])
         started = time.perf_counter()
         rows: list[Any] = []
         labels: list[float] = []
         good = 0
         error: ReplayError | None = None
         for update in updates:
-            error = self._append_examples(_batch_ids(update), facts, rows, labels)
+            error = self._append_examples(_batch_keys(update), facts, rows, labels)
             if error is not None:
                 break
             good += 1
-        counts = np.fromiter((len(_batch_ids(u)) for u in updates[:good]), np.int64, good)
-        batches = _stack(self.spec, counts, rows, labels)
+        batches = _stack(self.spec, counts[:good], np.asarray(rows, np.float64), np.asarray(labels, np.float64))
         self.stats.decode_s += time.perf_counter() - started
         self.stats.updates += good
         self.stats.examples += len(rows)
         return batches, error
 
+    def _typed(self, update: Any) -> Any:
+        # The typed decoder validates every id (and raises on a malformed row, as the
+        # typed read of the model's events did before RecordedUpdate existed).
+        return self.mapper.to_domain_event(update.stored) if isinstance(update, RecordedUpdate) else update
+
     def _append_examples(
-        self, ids: Sequence[UUID], facts: dict[int, Fact], rows: list[Any], labels: list[float]
+        self, keys: Sequence[str], facts: dict[str, Fact], rows: list[Any], labels: list[float]
     ) -> ReplayError | None:
         """Append the examples of one batch, or return (appending nothing) ``examples_for``'s error."""
         mark = len(rows)
         model_id = self.head.id
-        for pid in ids:
-            fact = facts.get(pid.int)
+        for key in keys:
+            fact = facts.get(key)
             if fact is None or fact[2] is None:
-                error = ReplayError(f"update batch names prediction {pid}, which is missing or unlabeled")
+                error = ReplayError(f"update batch names prediction {key}, which is missing or unlabeled")
             elif fact[0] != model_id:
-                error = ReplayError(f"update batch names prediction {pid} of another model")
+                error = ReplayError(f"update batch names prediction {key} of another model")
             elif not fact[3]:
-                error = ReplayError(f"update batch names prediction {pid}, whose label was late")
+                error = ReplayError(f"update batch names prediction {key}, whose label was late")
             else:
                 rows.append(fact[1])
                 labels.append(fact[2])
@@ -455,9 +540,10 @@ class _BulkFolder:
 
     def _examples(self, ids: Sequence[UUID]) -> tuple[np.ndarray, np.ndarray]:
         """``examples_for`` through the bulk reader: features [k, n_features] and labels [k], float64."""
+        keys = [str(pid) for pid in ids]
         rows: list[Any] = []
         labels: list[float] = []
-        error = self._append_examples(ids, self.examples.take(ids), rows, labels)
+        error = self._append_examples(keys, self.examples.take(keys), rows, labels)
         if error is not None:
             raise error
         x = np.asarray(rows, dtype=np.float64).reshape(len(rows), self.spec.n_features)
@@ -465,7 +551,7 @@ class _BulkFolder:
 
 
 # [model id, features, label, in_window] of one prediction, as the Prediction aggregate
-# would hold them; a list so the label can be filled in when its event is read.
+# would hold them.
 Fact = list[Any]
 
 
@@ -476,80 +562,93 @@ class _TypedExamples:
         self.ledger = ledger
         self.stats = stats
 
-    def take(self, ids: Sequence[UUID]) -> dict[int, Fact]:
-        """Facts of the given predictions by ``UUID.int``; absent ones are missing from the log."""
+    def take(self, keys: Sequence[str]) -> dict[str, Fact]:
+        """Facts of the given predictions by id text; absent ones are missing from the log."""
         started = time.perf_counter()
+        ids = []
+        for key in keys:
+            try:
+                ids.append(UUID(key))
+            except ValueError:
+                continue  # not an id at all: missing
         found = self.ledger.get_predictions(ids)
         self.stats.read_s += time.perf_counter() - started
-        return {pid.int: [p.model_id, p.features, p.label, p.in_window] for pid, p in found.items()}
+        return {str(pid): [p.model_id, p.features, p.label, p.in_window] for pid, p in found.items()}
 
 
-class _LogExamples:
-    """One model's labeled examples, read forward through the log in large position ranges.
+class _PagedExamples:
+    """One model's labeled examples, read forward through the log a range at a time, kept in arrays.
 
     Batches are recorded in log order and name predictions labeled before them, so one
-    pass over the log, from the model's registration on, meets every example just
-    before an update needs it. Range reads on the notification id are sequential for
-    PostgreSQL; reading the same rows by id (``WHERE originator_id = ANY(...)``) costs an
-    index probe each and measured ~4x slower. Rows are decoded from their orjson bytes
-    with the ``Prediction`` aggregate's rules (``Made`` sets the facts; the first label,
-    observed or default, counts). Anything unusual (an id not met, a prediction event
-    this decoder does not know, an upcast event) goes to the typed path, so the facts
-    are always what ``Ledger.get_predictions`` would give.
+    pass over the log, from the model's registration on, meets every example just before
+    an update needs it. Range reads on the notification id are sequential for PostgreSQL;
+    reading the same rows by id costs an index probe each and measured ~4x slower.
+    PostgreSQL cuts each range down to the model's facts (``select_example_page``), which
+    become arrays with one parse each; the ``Prediction`` aggregate's rules apply (``Made``
+    sets the facts; the first label, observed or default, counts). Examples sit in a ring
+    of ``capacity`` rows: row ``g`` (the g-th ``Made`` read) at ``g % capacity`` while it is
+    among the newest ``capacity``. Anything unusual (an id not met, evicted, a prediction
+    event this reader does not know, an upcast row) makes ``gather`` decline, and ``take``
+    sends those ids to the typed path, so the facts are always what
+    ``Ledger.get_predictions`` would give.
     """
 
-    def __init__(
-        self, ledger: Ledger, store: LedgerRecorder, model_id: UUID, read_rows: ReadRows, stats: BulkFoldStats
-    ):
+    def __init__(self, ledger: Ledger, store: LedgerRecorder, model_id: UUID, n_features: int, stats: BulkFoldStats):
         self.typed = _TypedExamples(ledger, stats)
-        self.read_rows = read_rows
+        self.store = store
         self.stats = stats
         self.model_id = model_id
+        self.n_features = n_features
         self.next = store.select_notification_id(model_id, 1) or 1
         self.end = int(store.max_notification_id() or 0)
         self.page_rows = PAGE_ROWS
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-fold-read")
-        self.ahead: Future[Sequence[tuple[int, UUID, int, str, bytes]]] | None = None
-        # Keyed by UUID.int: UUID.__hash__ and __eq__ are Python code, ~1 µs a lookup,
-        # and every example costs several lookups.
-        self.pending: dict[int, Fact] = {}
-        # Facts already used, newest last: a replay buffer trains on recent examples again.
-        self.used: dict[int, Fact] = {}
-        self.doubtful: set[int] = set()
-        # Every Made row of this model carries this exact byte string (orjson, no spaces):
-        # other models' rows are skipped without being parsed.
+        self.capacity = max(2 * PAGE_ROWS, min(RING_ROWS, RING_BYTES // (8 * max(1, n_features))))
+        self.features = np.zeros((self.capacity, n_features), np.float64)
+        self.labels = np.full(self.capacity, np.nan)
+        self.in_window = np.zeros(self.capacity, bool)
+        self.rows = 0
+        self.index: dict[str, int] = {}
+        self.doubtful: set[str] = set()
+        # Every Made/Labeled/DefaultLabeled row of this model carries this exact byte
+        # string (orjson, no spaces): PostgreSQL skips other models' rows by it.
         self.key = b'"model_id":"' + str(model_id).encode() + b'"'
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-fold-read")
+        self.ahead: Future[ExamplePage] | None = None
 
-    def take(self, ids: Sequence[UUID]) -> dict[int, Fact]:
-        """Facts of the given predictions by ``UUID.int``; absent ones are missing from the log."""
-        out: dict[int, Fact] = {}
-        missing = self._collect(ids, out)
-        while missing and self.next <= self.end:
-            self._read_page()
-            missing = self._collect(missing, out)
+    def gather(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Features [k, n_features] and labels [k] (float64) of these predictions, or None.
+
+        None means some prediction is not a plain labeled, in-window example of this
+        model in the ring (missing, unlabeled, late, evicted, doubtful): the caller
+        takes the example-by-example path, which reports exactly what is wrong.
+        """
+        at = self._locate(keys)
+        if at is None or (self.doubtful and not self.doubtful.isdisjoint(keys)):
+            return None
+        if not self.in_window[at].all():
+            return None
+        return self.features[at], self.labels[at]
+
+    def take(self, keys: Sequence[str]) -> dict[str, Fact]:
+        """Facts of the given predictions by id text; absent ones are missing from the log."""
+        self._locate(keys)  # reads ahead as far as the log goes when something is not met
+        out: dict[str, Fact] = {}
+        missing = []
+        oldest = self.rows - self.capacity
+        for key in keys:
+            g = self.index.get(key, -1)
+            if g >= 0 and g >= oldest and key not in self.doubtful:
+                at = g % self.capacity
+                label = float(self.labels[at])
+                if label == label:  # not NaN: labeled
+                    out[key] = [self.model_id, tuple(self.features[at].tolist()), label, bool(self.in_window[at])]
+                    continue
+            missing.append(key)
         if missing:
-            # Not met in one pass (used twice, of another model, labeled late in an odd
-            # order, upcast): the typed path decides, exactly as Replayer would.
+            # Not met in one pass (of another model, labeled late in an odd order, evicted,
+            # upcast): the typed path decides, exactly as Replayer would.
             out.update(self.typed.take(missing))
         return out
-
-    def _collect(self, ids: Sequence[UUID], out: dict[int, Fact]) -> list[UUID]:
-        missing = []
-        pending, used, doubtful = self.pending, self.used, self.doubtful
-        for pid in ids:
-            key = pid.int
-            fact = pending.get(key)
-            if fact is not None and fact[2] is not None and key not in doubtful:
-                # Moved to the bounded ``used`` cache: memory stays bounded by the examples
-                # not learned yet plus USED_CACHE, however long the history.
-                out[key] = used[key] = pending.pop(key)
-                if len(used) > USED_CACHE:
-                    del used[next(iter(used))]
-            elif key in used:
-                out[key] = used[key]
-            else:
-                missing.append(pid)
-        return missing
 
     def close(self) -> None:
         """Stop reading ahead."""
@@ -558,47 +657,143 @@ class _LogExamples:
             self.ahead = None
         self.reader.shutdown(wait=False, cancel_futures=True)
 
+    def _locate(self, keys: Sequence[str]) -> np.ndarray | None:
+        """Ring positions of labeled examples for ``keys``, reading forward until all are met; None if not."""
+        get = self.index.get
+        g = np.array([get(key, -1) for key in keys], np.int64)
+        while True:
+            if ((g >= 0) & (g < self.rows - self.capacity)).any():
+                return None  # evicted: more reading cannot bring it back
+            at = g % self.capacity
+            unmet = np.flatnonzero((g < 0) | np.isnan(self.labels[at]))
+            if unmet.size == 0:
+                return at
+            if self.next > self.end:
+                return None
+            self._read_page()
+            # Only the ids not met yet can have changed (a row once stored keeps its number).
+            g[unmet] = [get(keys[i], -1) for i in unmet.tolist()]
+
     def _read_page(self) -> None:
         started = time.perf_counter()
         first, last = self.next, self.next + self.page_rows - 1
-        rows = self.ahead.result() if self.ahead is not None else self.read_rows(first, last)
+        page = self.ahead.result() if self.ahead is not None else self.store.select_example_page(first, last, self.key)
         self.next += self.page_rows
         # Read the next range while this one is decoded and folded: PostgreSQL's side of
-        # the read (and the socket) then overlaps this process's work. Rows are only
-        # ever read forward, so a read-ahead is wasted at most once, at the end.
+        # the read (the cut-out runs there) then overlaps this process's work. Ranges
+        # are only ever read forward, so a read-ahead is wasted at most once, at the end.
         self.ahead = None
         if READ_AHEAD and self.next <= self.end:
-            self.ahead = self.reader.submit(self.read_rows, self.next, self.next + self.page_rows - 1)
+            self.ahead = self.reader.submit(
+                self.store.select_example_page, self.next, self.next + self.page_rows - 1, self.key
+            )
         read = time.perf_counter()
         self.stats.read_s += read - started
-        pending, key, loads = self.pending, self.key, orjson.loads
-        for _, uuid, _, topic, state in rows:
-            pid = uuid.int
-            if topic == MADE_TOPIC:
-                if key in state:
-                    data = loads(state)
-                    if "class_version" in data:
-                        self.doubtful.add(pid)
-                    pending[pid] = [self.model_id, data["features"], None, None]
-            elif topic in (LABELED_TOPIC, DEFAULT_LABELED_TOPIC):
-                fact = pending.get(pid)
-                if fact is not None and fact[2] is None:
-                    data = loads(state)
-                    if "class_version" in data:
-                        self.doubtful.add(pid)
-                    fact[2] = float(data["label"])
-                    fact[3] = True if topic == DEFAULT_LABELED_TOPIC else bool(data["in_window"])
-            elif topic.startswith(PREDICTION_EVENT_PREFIX):
-                self.doubtful.add(pid)
+        self._add_made(page)
+        self._add_labels(page)
         self.stats.decode_s += time.perf_counter() - read
 
+    def _add_made(self, page: ExamplePage) -> None:
+        if not page.made_ids:
+            return
+        ids = page.made_ids.split(",")
+        x = None if page.unusual else _parse_features(page.features or b"", len(ids), self.n_features)
+        if x is None:
+            self.doubtful.update(ids)
+            return
+        n, first = len(ids), self.rows
+        at = np.arange(first, first + n) % self.capacity
+        self.features[at] = x
+        self.labels[at] = np.nan
+        self.in_window[at] = False
+        self.index.update(zip(ids, range(first, first + n), strict=True))
+        self.rows += n
+        if len(self.index) > 2 * self.capacity:
+            # Forget ids whose rows were overwritten, so the index stays bounded too.
+            oldest = self.rows - self.capacity
+            self.index = {key: g for key, g in self.index.items() if g >= oldest}
 
-def _stack(spec: LearnerSpec, counts: np.ndarray, rows: list[Any], labels: list[float]) -> Batch:
-    """Stack the updates' rows into padded [n, batch_size, ...] arrays, bit-equal to ``make_batch``'s."""
+    def _add_labels(self, page: ExamplePage) -> None:
+        if not page.label_ids or not page.label_kinds:
+            return
+        ids = page.label_ids.split(",")
+        kinds = page.label_kinds
+        if "O" in kinds:
+            self.doubtful.update(key for key, kind in zip(ids, kinds, strict=True) if kind == "O")
+            ids = [key for key, kind in zip(ids, kinds, strict=True) if kind != "O"]
+            kinds = kinds.replace("O", "")
+        values = None if page.unusual else _parse_values(page.labels or b"", len(ids))
+        if values is None:
+            self.doubtful.update(ids)
+            return
+        get = self.index.get
+        g = np.array([get(key, -1) for key in ids], np.int64)
+        known = np.flatnonzero((g >= 0) & (g >= self.rows - self.capacity))
+        if known.size == 0:
+            return
+        # The first label of a prediction counts: its first row here, and only if no
+        # earlier range labeled it.
+        _, first = np.unique(g[known], return_index=True)
+        rows = known[np.sort(first)]
+        at = g[rows] % self.capacity
+        fresh = np.isnan(self.labels[at])
+        rows, at = rows[fresh], at[fresh]
+        letters = np.frombuffer(kinds.encode(), np.uint8)
+        self.labels[at] = values[rows]
+        self.in_window[at] = letters[rows] != ord("l")
+
+
+def _parse_features(text: bytes, rows: int, n_features: int) -> np.ndarray | None:
+    """``rows`` feature vectors from ``1.0,2.0;3.0,4.0`` text, float64; None unless each has ``n_features``."""
+    if text.translate(None, NUMBER_BYTES + b";"):
+        return None  # anything but numbers and separators (null, a nested value, …)
+    letters = np.frombuffer(text, np.uint8)
+    # The separators must run (n_features - 1 commas, one semicolon) per row, minus the last.
+    separators = letters[(letters == COMMA) | (letters == SEMICOLON)]
+    row_pattern = np.full(n_features, COMMA, np.uint8)
+    row_pattern[-1] = SEMICOLON
+    if not np.array_equal(separators, np.tile(row_pattern, rows)[:-1]):
+        return None
+    try:
+        values = orjson.loads(b"[" + text.replace(b";", b",") + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return np.asarray(values, np.float64).reshape(rows, n_features)
+
+
+def _parse_values(text: bytes, rows: int) -> np.ndarray | None:
+    """``rows`` numbers from ``1.0,0.0`` text, float64; None if the text is anything else."""
+    if text.translate(None, NUMBER_BYTES):
+        return None
+    try:
+        values = orjson.loads(b"[" + text + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(values) != rows:
+        return None
+    return np.asarray(values, np.float64)
+
+
+# What a JSON number (and a list of them) is made of; COMMA/SEMICOLON separate values and rows.
+NUMBER_BYTES = b"0123456789+-.eE,"
+COMMA, SEMICOLON = ord(","), ord(";")
+
+
+def _prediction_events_are_v1() -> bool:
+    # A class at version > 1 would need its stored rows upcast, which only the typed
+    # decoder does.
+    return all(
+        getattr(cls, "class_version", 1) == 1
+        for cls in (Prediction.Made, Prediction.Labeled, Prediction.DefaultLabeled)
+    )
+
+
+def _stack(spec: LearnerSpec, counts: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> Batch:
+    """Stack the updates' rows (float64) into padded [n, batch_size, ...] arrays, bit-equal to ``make_batch``'s."""
     n, size = len(counts), spec.batch_size
     # float64 first, then float32: the same two roundings examples_for + make_batch apply.
-    x = np.asarray(rows, dtype=np.float64).reshape(len(rows), spec.n_features).astype(np.float32)
-    y = np.asarray(labels, dtype=np.float64).astype(np.float32)
+    x = rows.reshape(len(rows), spec.n_features).astype(np.float32)
+    y = labels.astype(np.float32)
     if (counts > size).any() or not _valid(spec, x, y):
         # Let make_batch raise its own error for the first bad batch, in order.
         offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -633,6 +828,9 @@ def _padded(a: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def _batch_ids(update: Any) -> tuple[UUID, ...]:
-    # What the step trained on, in order: the new examples, then any replayed ones.
-    return (*update.prediction_ids, *getattr(update, "replayed_ids", ()))
+def _batch_keys(update: Any) -> tuple[str, ...]:
+    # What the step trained on, in order: the new examples, then any replayed ones; as
+    # id text, the form the example readers key by.
+    if isinstance(update, RecordedUpdate):
+        return update.prediction_ids + update.replayed_ids
+    return tuple(str(pid) for pid in (*update.prediction_ids, *getattr(update, "replayed_ids", ())))

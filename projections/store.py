@@ -19,6 +19,35 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier, Literal
 
 from domain.ledger import MODEL_REGISTERED_TOPIC
+from domain.prediction import DEFAULT_LABELED_TOPIC, LABELED_TOPIC, MADE_TOPIC, PREDICTION_TOPIC
+
+
+@dataclass(frozen=True)
+class ExamplePage:
+    """One model's prediction facts in a range of log positions, cut out of the rows by PostgreSQL.
+
+    Every field is one value for the whole range, in log order (``None`` when no row
+    qualified): the bulk replay turns each into an array with one C-level parse instead
+    of decoding ~2 rows per example in Python.
+
+    Attributes:
+        made_ids: the ids of the model's ``Made`` rows, comma-separated (canonical text).
+        features: their ``features`` arrays without brackets, ``;`` between rows.
+        label_ids: the ids of every other prediction row: the model's labels, and any
+            prediction event of another type (of any model), comma-separated.
+        label_kinds: one letter per ``label_ids`` entry: ``L`` labeled in the window,
+            ``l`` labeled late, ``D`` default label, ``O`` anything else.
+        labels: the label values of the ``L``/``l``/``D`` rows, comma-separated.
+        unusual: a row the cut-out cannot be trusted on (a ``class_version``, a missing
+            key): the reader then takes the whole range through the typed path.
+    """
+
+    made_ids: str | None
+    features: bytes | None
+    label_ids: str | None
+    label_kinds: str | None
+    labels: bytes | None
+    unusual: bool
 
 
 class LedgerRecorder(PostgresApplicationRecorder):
@@ -49,6 +78,42 @@ class LedgerRecorder(PostgresApplicationRecorder):
         self.select_ids_by_topic_statement = SQL(
             "SELECT originator_id FROM {schema}.{table} WHERE topic = %s ORDER BY notification_id"
         ).format(schema=schema, table=table)
+        # The page is cut out with byte searches on the orjson text (no JSON parsing in
+        # PostgreSQL: ~2 µs a row). Keys are found by their exact serialised form
+        # (orjson writes no spaces); the library appends ``class_version`` as the last
+        # key of an event written by a newer class, so only the row's tail is searched.
+        self.select_example_page_statement = SQL(
+            "SELECT "
+            "string_agg(originator_id::text, ',') FILTER (WHERE topic = {made}), "
+            "string_agg(substring(tail FROM 1 FOR greatest(position('\\x5d'::bytea IN tail) - 1, 0)), '\\x3b'::bytea) "
+            "FILTER (WHERE topic = {made}), "
+            "string_agg(originator_id::text, ',') FILTER (WHERE topic <> {made}), "
+            "string_agg(CASE WHEN topic = {default} THEN 'D' WHEN topic <> {labeled} THEN 'O' "
+            "WHEN position('\"in_window\":true'::bytea IN state) > 0 THEN 'L' "
+            "WHEN position('\"in_window\":false'::bytea IN state) > 0 THEN 'l' ELSE 'O' END, '') "
+            "FILTER (WHERE topic <> {made}), "
+            "string_agg(substring(tail FROM 1 FOR greatest(position('\\x2c'::bytea IN tail) - 1, 0)), '\\x2c'::bytea) "
+            "FILTER (WHERE topic IN ({labeled}, {default})), "
+            "coalesce(bool_or(at = 0 OR position('\"class_version\"'::bytea IN "
+            "substring(state FROM greatest(1, length(state) - 23))) > 0), false) "
+            "FROM (SELECT originator_id, topic, state, at, "
+            "CASE WHEN topic = {made} THEN substring(state FROM at + 12) "
+            "ELSE substring(state FROM at + 8 FOR 40) END AS tail "
+            "FROM (SELECT originator_id, topic, state, "
+            "CASE WHEN topic = {made} THEN position('\"features\":['::bytea IN state) "
+            "WHEN topic IN ({labeled}, {default}) THEN position('\"label\":'::bytea IN state) "
+            "ELSE 1 END AS at "
+            "FROM {schema}.{table} WHERE notification_id BETWEEN %s AND %s AND starts_with(topic, {prefix}) "
+            "AND (topic NOT IN ({made}, {labeled}, {default}) OR position(%s::bytea IN state) > 0) "
+            "ORDER BY notification_id) AS matched) AS cut"
+        ).format(
+            schema=schema,
+            table=table,
+            made=Literal(MADE_TOPIC),
+            labeled=Literal(LABELED_TOPIC),
+            default=Literal(DEFAULT_LABELED_TOPIC),
+            prefix=Literal(PREDICTION_TOPIC + "."),
+        )
         guard = Identifier(f"{self.events_table_name}_append_only")
         self.sql_create_statements.extend(
             [
@@ -110,6 +175,37 @@ class LedgerRecorder(PostgresApplicationRecorder):
         with self.datastore.get_connection() as conn, conn.cursor(binary=True, row_factory=tuple_row) as curs:
             curs.execute(statement, (first, last))
             return [(int(n), oid, int(v), topic, bytes(state)) for n, oid, v, topic, state in curs.fetchall()]
+
+    def select_example_page(self, first: int, last: int, model_key: bytes) -> ExamplePage:
+        """The prediction facts of one model at log positions ``first``..``last``, cut out by PostgreSQL.
+
+        Args:
+            first: the first log position of the range.
+            last: the last log position of the range.
+            model_key: the exact bytes every ``Made``/``Labeled``/``DefaultLabeled`` row of
+                the model carries (``"model_id":"<uuid>"``); rows without it are skipped.
+        """
+        with (
+            self.datastore.get_connection() as conn,
+            conn.transaction(),
+            conn.cursor(binary=True, row_factory=tuple_row) as curs,
+        ):
+            # The filter's selectivity is unknown to the planner, which then picks a
+            # bitmap scan plus an on-disk sort (~100 ms a page instead of ~25 ms): the
+            # notification-id index already yields the rows in log order.
+            curs.execute("SET LOCAL enable_bitmapscan = off")
+            curs.execute(self.select_example_page_statement, (first, last, model_key))
+            row = curs.fetchone()
+        assert row is not None
+        made_ids, features, label_ids, kinds, labels, unusual = row
+        return ExamplePage(
+            made_ids,
+            bytes(features) if features is not None else None,
+            label_ids,
+            kinds,
+            bytes(labels) if labels is not None else None,
+            bool(unusual),
+        )
 
     def put_seal_leaves(self, leaves: Sequence[tuple[int, bytes]]) -> None:
         """Store leaf hashes (idempotent: a position's leaf never changes)."""

@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 
 from domain.ledger import Ledger
 from domain.policy import SafetyPolicy
-from domain.prediction import make_label_event
+from domain.prediction import make_default_label_event, make_label_event
 from domain.spec import LearnerSpec
+from projections import bulk_fold
 from projections.bulk_fold import BulkFoldStats, replayed_digests, state_at_fast, verify_fast
+from projections.digest import state_digest
+from projections.learners import make_batch, make_learner
 from projections.learning import LabeledExample
 from projections.replay import Replayer
 from server.services import LedgerService
@@ -217,22 +220,25 @@ def test_without_postgres_the_typed_reader_gives_the_same_report() -> None:
     assert fast.verified and fast.updates_replayed == ledger.get_model("in-memory").updates_applied > 0
 
 
+def _label_event(pid: Any, model_id: Any, label: float, *, in_window: bool = True, version: int = 2) -> Any:
+    now = datetime.now(UTC)
+    return make_label_event(
+        pid,
+        model_id=model_id,
+        label=label,
+        source="t",
+        event_time=now,
+        in_window=in_window,
+        actor="t",
+        timestamp=now,
+        version=version,
+    )
+
+
 def _labeled_predictions(rt: Any, live: Any, k: int) -> list[Any]:
     now = datetime.now(UTC)
     made = prediction_events(live.model, k, when=now, features=lambda i: [float(i)] * live.model.spec.n_features)
-    labels = [
-        make_label_event(
-            e.originator_id,
-            model_id=live.model.id,
-            label=0.5,
-            source="t",
-            event_time=now,
-            in_window=True,
-            actor="t",
-            timestamp=now,
-        )
-        for e in made
-    ]
+    labels = [_label_event(e.originator_id, live.model.id, 0.5) for e in made]
     rt.ledger.record([*made, *labels])
     return made
 
@@ -278,3 +284,105 @@ def test_a_drift_rebaseline_and_rollout_history_verifies_like_replayer(runtime: 
 
     assert fast == Replayer(runtime.ledger, write_snapshots=False).verify_stepwise(model.id)
     assert fast.verified and stats.stepwise_steps == 0
+
+
+@PROPERTY
+@given(
+    spec=st.sampled_from(SPECS[:2] + SPECS[5:6]),
+    seed=st.integers(0, 1000),
+    page_rows=st.sampled_from([3, 7, 40]),
+    ring_rows=st.sampled_from([0, 24, 1 << 19]),
+)
+def test_any_page_size_and_ring_size_give_the_replayer_report(
+    runtime: Any, monkeypatch: Any, spec: LearnerSpec, seed: int, page_rows: int, ring_rows: int
+) -> None:
+    # Tiny pages cut a prediction's Made and Labeled rows (and a batch's examples) across
+    # ranges; a tiny ring evicts examples whose labels come late, which must then take
+    # the example-by-example path and still give the same report.
+    monkeypatch.setattr(bulk_fold, "PAGE_ROWS", page_rows)
+    monkeypatch.setattr(bulk_fold, "RING_ROWS", ring_rows)
+    name = _history(runtime, spec, seed, 0.5)
+    model = runtime.ledger.get_model(name)
+    stats = BulkFoldStats()
+
+    fast = verify_fast(runtime.ledger, model.id, stats=stats)
+
+    assert fast == Replayer(runtime.ledger, write_snapshots=False).verify_stepwise(model.id)
+    assert fast.verified and stats.stepwise_steps == 0
+    assert stats.gathered_runs + stats.example_runs > 0
+
+
+def test_a_plain_history_gathers_every_run_from_the_ring(runtime: Any) -> None:
+    name = _history(runtime, SPECS[0], 5, 0.5)
+    stats = BulkFoldStats()
+
+    fast = verify_fast(runtime.ledger, runtime.ledger.get_model(name).id, stats=stats)
+
+    assert fast.verified
+    assert stats.gathered_runs > 0 and stats.example_runs == 0
+
+
+def test_default_labels_count_and_late_labels_are_refused_like_replayer_does(runtime: Any) -> None:
+    spec = LearnerSpec(kind="logistic", n_features=3, batch_size=4, default_label=0.0, feedback_window_s=60.0)
+    name = next(_names)
+    runtime.service.register_model(name, spec, "test")
+    live = runtime.service.live_learner(name)
+    now = datetime.now(UTC)
+    made = prediction_events(live.model, 3, when=now, features=lambda i: [float(i), 1.0, -1.0])
+    defaulted, late, relabeled = (e.originator_id for e in made)
+    model_id = live.model.id
+    events: list[Any] = [
+        *made,
+        make_default_label_event(defaulted, model_id=model_id, spec=spec, actor="t", timestamp=now),
+        _label_event(late, model_id, 1.0, in_window=False),
+        make_default_label_event(relabeled, model_id=model_id, spec=spec, actor="t", timestamp=now),
+        # After a default label an observed one may follow (version 3); the first counts.
+        _label_event(relabeled, model_id, 1.0, version=3),
+    ]
+    runtime.ledger.record(events)
+    model = runtime.ledger.get_model(name)
+    # Both train with label 0.0: the default, not the observed label that came after it.
+    learner = make_learner(spec)
+    stepped, _ = learner.update_step(
+        learner.init(), make_batch(spec, np.array([[0.0, 1.0, -1.0], [2.0, 1.0, -1.0]]), np.zeros(2))
+    )
+    model.apply_update((defaulted, relabeled), 1, 0.7, 0.6, state_digest(stepped), "t")
+    runtime.ledger.save(model)
+    stats = BulkFoldStats()
+
+    assert verify_fast(runtime.ledger, model.id, stats=stats).verified
+    assert stats.gathered_runs == 1
+
+    model = runtime.ledger.get_model(name)
+    model.apply_update((late,), 2, 0.7, 0.6, model.digest, "mallory")
+    runtime.ledger.save(model)
+
+    fast = verify_fast(runtime.ledger, model.id)
+
+    assert fast == Replayer(runtime.ledger, write_snapshots=False).verify_stepwise(model.id)
+    assert fast.divergence is not None and "late" in fast.divergence.replayed
+
+
+def test_a_prediction_row_written_by_a_newer_class_goes_to_the_typed_reader(runtime: Any) -> None:
+    # The library appends class_version to an event of a class at version > 1; this
+    # reader only cuts facts out of version-1 rows and must leave the rest to the
+    # typed decoder (which upcasts).
+    spec = SPECS[3]  # linear: _labeled_predictions labels 0.5
+    name = next(_names)
+    runtime.service.register_model(name, spec, "test")
+    _simulate(runtime, name, spec, 2 * spec.batch_size, 3)
+    live = runtime.service.live_learner(name)
+    made = _labeled_predictions(runtime, live, 1)[0]
+    extra = prediction_events(live.model, 1, features=lambda i: [0.5] * spec.n_features)[0]
+    row = runtime.ledger.mapper.to_row(extra)
+    runtime.ledger.recorder.insert_rows([(*row[:3], row[3][:-1] + b',"class_version":1}')])
+    runtime.ledger.record([_label_event(extra.originator_id, live.model.id, 1.0)])
+    model = runtime.ledger.get_model(name)
+    model.apply_update((made.originator_id, extra.originator_id), model.steps + 1, 0.5, 0.4, model.digest, "t")
+    runtime.ledger.save(model)
+    stats = BulkFoldStats()
+
+    fast = verify_fast(runtime.ledger, model.id, stats=stats)
+
+    assert fast == Replayer(runtime.ledger, write_snapshots=False).verify_stepwise(model.id)
+    assert stats.example_runs >= 1
