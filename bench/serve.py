@@ -154,8 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=1, help="run every configuration this many times")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--only",
+        choices=("predict", "batch", "feedback"),
+        action="append",
+        help="run only these tables (repeatable; default: all; feedback needs batch for its ids)",
+    )
+    parser.add_argument(
+        "--in-flight", type=int, action="append", help="unary Predict concurrency (repeatable; default: 1, 8, 64)"
+    )
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    only = set(args.only or ("predict", "batch", "feedback"))
+    if "feedback" in only:
+        only.add("batch")  # the labels are for the predictions PredictBatch made
     if args.echo_server:
         run_echo_server()
         return 0
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             return call
 
         one = lambda _reply: 1  # noqa: E731
-        for in_flight in (1, 8, 64):
+        for in_flight in (args.in_flight or (1, 8, 64)) if "predict" in only else ():
             for _ in range(args.repeat):
                 reading = meter.start()
                 echo_row = closed_loop(predict_on(echo_stub), one, in_flight, args.seconds)
@@ -218,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 made.extend([r.prediction_id for r in reply.results])
             return len(reply.results)
 
-        for in_flight in (1, 8):
+        for in_flight in (1, 8) if "batch" in only else ():
             for _ in range(args.repeat):
                 reading = meter.start()
                 row = closed_loop(predict_batch, keep_ids, in_flight, args.seconds)
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         # messages are built before the clock starts (the client must not starve the server).
         streams = 4
         per_round = min(len(made) // (streams * args.repeat), 32_768)
-        for r in range(args.repeat):
+        for r in range(args.repeat if "feedback" in only else 0):
             messages = []
             for k in range(streams):
                 ids = made[(r * streams + k) * per_round : (r * streams + k + 1) * per_round]

@@ -151,12 +151,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
         service, _, rpc = method.lstrip("/").partition("/")
         if handler is None or service != SERVICE:
             return handler
-        caller, refusal = self._authorise(rpc, handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        caller, refusal = self.authorise(rpc, handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
         return _wrap(handler, caller, refusal)
 
-    def _authorise(
+    def authorise(
         self, rpc: str, metadata: Iterable[tuple[str, Any]] | None
     ) -> tuple[Caller, tuple[grpc.StatusCode, str] | None]:
+        """Who calls ``rpc`` of the Ledger service, and why the call is refused (None: allowed).
+
+        Pure: the caller applies the refusal (``context.abort``) and the identity
+        (``run_as``) on the thread that runs the handler.
+        """
         if rpc not in METHOD_ROLES:
             return ANONYMOUS_CALLER, (grpc.StatusCode.PERMISSION_DENIED, f"{rpc} has no role assigned")
         if self.tokens is None:
@@ -175,6 +180,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
             denied = f"{caller.name!r} lacks the {role!r} role needed by {rpc}"
             return caller, (grpc.StatusCode.PERMISSION_DENIED, denied)
         return caller, None
+
+
+def set_caller(caller: Caller) -> contextvars.Token[Caller]:
+    """Make ``caller`` the ``current_caller()`` of this context; undo with ``reset_caller``."""
+    return _caller.set(caller)
+
+
+def reset_caller(token: contextvars.Token[Caller]) -> None:
+    """Undo a ``set_caller``."""
+    _caller.reset(token)
 
 
 def _wrap(

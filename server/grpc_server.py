@@ -124,8 +124,10 @@ class LedgerServer:
         ]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            # Metrics first: it also counts the calls auth refuses.
-            interceptors=[MetricsInterceptor(self.metrics), AuthInterceptor(settings.tokens)],
+            # One interceptor, one cached wrapper per method: interceptors run on the sync
+            # server's single event thread, for every call. Auth runs inside the metrics
+            # wrapper, so the calls it refuses are counted and logged too.
+            interceptors=[MetricsInterceptor(self.metrics, auth=AuthInterceptor(settings.tokens))],
             options=options,
             maximum_concurrent_rpcs=settings.workers * 8,
         )

@@ -7,13 +7,15 @@ method and status code and its duration observed; streaming RPCs are counted onc
 the stream ends. A failed RPC logs one line (status, message, request id); at DEBUG
 every RPC does.
 
-It must sit first in the server's interceptor list, so it also sees the calls the auth
-interceptor refuses (UNAUTHENTICATED, PERMISSION_DENIED).
+Given the ``AuthInterceptor`` (``MetricsInterceptor(metrics, auth)``), it also authenticates
+Ledger calls inside the same wrapper, so it sees the calls auth refuses
+(UNAUTHENTICATED, PERMISSION_DENIED); chained separately, it must sit first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -23,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from server.auth import SERVICE, AuthInterceptor, Caller, reset_caller, set_caller
 from server.logs import request_id
 from server.metrics import LedgerMetrics
 
@@ -63,71 +66,111 @@ def _request_id_from(metadata: Iterable[tuple[str, Any]] | None) -> str:
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts, times and logs every RPC, and gives it a request id.
+    """Counts, times and logs every RPC, gives it a request id and, with ``auth``, authenticates it.
 
-    Metric children are cached per (method, code): ``Counter.labels`` takes a lock and
-    builds a key on every call, the cache is one dict read.
+    The sync server runs interceptors on its one event thread (the thread that also
+    hands every received message to its handler), so per-call work here delays every
+    call in flight. The wrapped handler is therefore built once per method and cached;
+    everything that depends on the call (request id, caller, refusal) is read from the
+    call's metadata by the wrapper, on the handler's own thread. ``auth`` (an
+    ``AuthInterceptor``) is applied inside the same wrapper, after the request id is
+    set, so a refused call is counted and logged with its id exactly as when the two
+    interceptors were chained (metrics first).
+
+    Metric children are bound per method (and cached per code for failures):
+    ``Counter.labels`` takes a lock and builds a key on every call.
     """
 
-    def __init__(self, metrics: LedgerMetrics):
+    def __init__(self, metrics: LedgerMetrics, auth: AuthInterceptor | None = None):
         self.metrics = metrics
+        self.auth = auth
         self._counters: dict[tuple[str, str, grpc.StatusCode], Any] = {}
         self._histograms: dict[tuple[str, str], Any] = {}
+        # method path -> (the handler wrapped, its wrapper): handlers are registered once.
+        self._handlers: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        """Wrap the handler of this call (None, an unknown method, passes through)."""
+        """The cached wrapper of this call's handler (None, an unknown method, passes through)."""
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         path: str = handler_call_details.method  # type: ignore[attr-defined]
-        service, _, method = path.lstrip("/").rpartition("/")
-        rid = _request_id_from(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        return _wrap(handler, _Call(self, service, method, rid))
+        cached = self._handlers.get(path)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, self._method(path))
+        self._handlers[path] = (handler, wrapped)
+        return wrapped
 
-    def _finish(self, call: _Call, code: grpc.StatusCode, context: grpc.ServicerContext, seconds: float) -> None:
-        key = (call.service, call.method, code)
+    def _method(self, path: str) -> _Method:
+        service, _, method = path.lstrip("/").rpartition("/")
+        authorise = None
+        if self.auth is not None and service == SERVICE:
+            authorise = functools.partial(self.auth.authorise, method)
+        return _Method(self, service, method, authorise)
+
+    def counter(self, service: str, method: str, code: grpc.StatusCode) -> Any:
+        """The ``rpc_requests`` child of (service, method, code), cached."""
+        key = (service, method, code)
         counter = self._counters.get(key)
         if counter is None:
-            counter = self._counters[key] = self.metrics.rpc_requests.labels(call.service, call.method, code.name)
-        counter.inc()
-        histogram = self._histograms.get(key[:2])
+            counter = self._counters[key] = self.metrics.rpc_requests.labels(service, method, code.name)
+        return counter
+
+    def histogram(self, service: str, method: str) -> Any:
+        """The ``rpc_latency`` child of (service, method), cached."""
+        histogram = self._histograms.get((service, method))
         if histogram is None:
-            histogram = self._histograms[key[:2]] = self.metrics.rpc_latency.labels(call.service, call.method)
-        histogram.observe(seconds)
-        if code is grpc.StatusCode.OK:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("rpc %s OK in %.2f ms", call.method, seconds * 1e3, extra=call.extra(code, seconds))
-            return
-        details = context.details()
-        message = details.decode(errors="replace") if isinstance(details, bytes) else str(details or "")
-        level = logging.WARNING if code in SERVER_FAULTS else logging.INFO
-        extra = call.extra(code, seconds)
-        extra["status_message"] = message
-        log.log(level, "rpc %s failed: %s %s", call.method, code.name, message, extra=extra)
+            histogram = self._histograms[service, method] = self.metrics.rpc_latency.labels(service, method)
+        return histogram
 
 
-class _Call:
-    """What the wrapper needs to know about one call."""
+class _Method:
+    """One RPC method's wrapper state: its names, metric children and authorisation."""
 
-    __slots__ = ("interceptor", "method", "request_id", "service")
+    __slots__ = ("authorise", "histogram", "interceptor", "method", "ok", "service")
 
-    def __init__(self, interceptor: MetricsInterceptor, service: str, method: str, rid: str):
+    def __init__(
+        self,
+        interceptor: MetricsInterceptor,
+        service: str,
+        method: str,
+        authorise: Callable[[Any], tuple[Caller, tuple[grpc.StatusCode, str] | None]] | None,
+    ):
         self.interceptor = interceptor
         self.service = service
         self.method = method
-        self.request_id = rid
+        self.authorise = authorise
+        self.ok = interceptor.counter(service, method, grpc.StatusCode.OK)
+        self.histogram = interceptor.histogram(service, method)
 
-    def extra(self, code: grpc.StatusCode, seconds: float) -> dict[str, Any]:
-        """The structured fields of this call's log line."""
+    def finish(self, rid: str, code: grpc.StatusCode, context: grpc.ServicerContext, seconds: float) -> None:
+        """Count, time and (on failure, or at DEBUG) log one finished call."""
+        self.histogram.observe(seconds)
+        if code is grpc.StatusCode.OK:
+            self.ok.inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("rpc %s OK in %.2f ms", self.method, seconds * 1e3, extra=self.extra(rid, code, seconds))
+            return
+        self.interceptor.counter(self.service, self.method, code).inc()
+        details = context.details()
+        message = details.decode(errors="replace") if isinstance(details, bytes) else str(details or "")
+        level = logging.WARNING if code in SERVER_FAULTS else logging.INFO
+        extra = self.extra(rid, code, seconds)
+        extra["status_message"] = message
+        log.log(level, "rpc %s failed: %s %s", self.method, code.name, message, extra=extra)
+
+    def extra(self, rid: str, code: grpc.StatusCode, seconds: float) -> dict[str, Any]:
+        """The structured fields of a call's log line."""
         return {
             "rpc": self.method,
             "service": self.service,
             "code": code.name,
-            "request_id": self.request_id,
+            "request_id": rid,
             "duration_ms": round(seconds * 1e3, 3),
         }
 
@@ -141,34 +184,53 @@ def _outcome(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
     return code  # type: ignore[no-any-return]
 
 
-def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
-    finish = call.interceptor._finish
-    trailer = ((REQUEST_ID_KEY, call.request_id),)
+def _wrap(handler: grpc.RpcMethodHandler, call: _Method) -> grpc.RpcMethodHandler:
+    finish = call.finish
+    authorise = call.authorise
 
     def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            token = request_id.set(call.request_id)
-            context.set_trailing_metadata(trailer)
             started = time.perf_counter()
+            metadata = context.invocation_metadata()
+            rid = _request_id_from(metadata)
+            token = request_id.set(rid)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             failed = False
             try:
-                return behaviour(request, context)
+                if authorise is None:
+                    return behaviour(request, context)
+                caller, refusal = authorise(metadata)
+                if refusal is not None:
+                    context.abort(*refusal)
+                as_caller = set_caller(caller)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    reset_caller(as_caller)
             except BaseException:
                 failed = True
                 raise
             finally:
-                finish(call, _outcome(context, failed), context, time.perf_counter() - started)
+                finish(rid, _outcome(context, failed), context, time.perf_counter() - started)
                 request_id.reset(token)
 
         return run
 
     def streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            token = request_id.set(call.request_id)
-            context.set_trailing_metadata(trailer)
             started = time.perf_counter()
+            metadata = context.invocation_metadata()
+            rid = _request_id_from(metadata)
+            token = request_id.set(rid)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             code: grpc.StatusCode | None = None
+            as_caller = None
             try:
+                if authorise is not None:
+                    caller, refusal = authorise(metadata)
+                    if refusal is not None:
+                        context.abort(*refusal)
+                    as_caller = set_caller(caller)
                 yield from behaviour(request, context)
             except GeneratorExit:
                 code = grpc.StatusCode.CANCELLED  # the caller went away mid-stream
@@ -177,8 +239,11 @@ def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
                 code = _outcome(context, True)
                 raise
             finally:
-                finish(call, code or _outcome(context, False), context, time.perf_counter() - started)
+                finish(rid, code or _outcome(context, False), context, time.perf_counter() - started)
                 # A generator closed by the collector runs this in another context.
+                with contextlib.suppress(ValueError):
+                    if as_caller is not None:
+                        reset_caller(as_caller)
                 with contextlib.suppress(ValueError):
                     request_id.reset(token)
 

@@ -95,15 +95,15 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     @map_errors
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         """Score one row; replies after the prediction is committed."""
-        out = self.serving.predict_rows(
-            request.model, (request.features,), (request.prediction_id,), current_caller().name
-        )
+        out = self.serving.predict_one(request.model, request.features, request.prediction_id, current_caller().name)
+        # One row: the version and digest are scalars unless a retry returned an older one.
+        version, digest = out.model_version, out.params_digest
         reply = pb.PredictResponse(
             prediction_id=str(out.ids[0]),
             score=out.scores[0],
             decision=out.decisions[0],
-            model_version=out.versions()[0],
-            params_digest=out.digests()[0],
+            model_version=version[0] if isinstance(version, list) else version,
+            params_digest=digest[0] if isinstance(digest, list) else digest,
         )
         if log.isEnabledFor(logging.DEBUG):  # the hot path builds no log record otherwise
             log.debug(

@@ -158,6 +158,39 @@ class ServingService:
         out = self.predict_rows(model_name, [r.features for r in rows], [r.key for r in rows], actor)
         return list(map(PredictResult, out.ids, out.scores, out.decisions, out.versions(), out.digests()))
 
+    def predict_one(self, model_name: str, features: Sequence[float], key: str, actor: str) -> Predictions:
+        """``predict_rows(model_name, (features,), (key,), actor)`` for a unary Predict.
+
+        The same deferred path (scored on the writer thread, reply after commit) without
+        the batch bookkeeping (key lists, id iterators, row scans) that a single row does
+        not need. Anything but a well-formed row of floats takes ``predict_rows``, which
+        raises the precise error.
+
+        Raises:
+            ModelNotFoundError, InvalidArgumentError, NonFiniteValueError,
+            ConflictingPredictionError, ResourceExhaustedError.
+        """
+        served = self.catalog.get(model_name)
+        row = tuple(features)
+        if len(row) != served.spec.n_features or not row or type(row[0]) is not float:
+            return self.predict_rows(model_name, (features,), (key,), actor)
+        try:
+            if not all(map(math.isfinite, row)):
+                return self.predict_rows(model_name, (features,), (key,), actor)
+        except TypeError:
+            return self.predict_rows(model_name, (features,), (key,), actor)
+        pid = prediction_id_for(key) if key else new_prediction_ids(1)[0]
+        job = _PredictJob(served, model_name, [row], [pid], actor, datetime.now(UTC))
+        try:
+            self.writer.submit_job(job, 1, contended=bool(key)).result()
+        except ConcurrencyError:
+            # The idempotency key was used before: find out whether this is a retry.
+            if not key or job.predictions is None:
+                raise
+            self._commit_predictions(served, job.events, job.predictions, [pid], conflicted=True)
+        assert job.predictions is not None
+        return job.predictions
+
     def predict_rows(
         self, model_name: str, features: Sequence[Sequence[float]], keys: Sequence[str] | None, actor: str
     ) -> Predictions:

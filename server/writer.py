@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -145,6 +146,9 @@ class GroupCommitWriter:
         self.on_transaction: Callable[[int, float], None] | None = None
         self._last_keys: set[tuple[Any, int]] = set()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # Committed batches whose callers are still to be woken (see ``_wake``).
+        self._acks: queue.SimpleQueue[tuple[list[Submission], list[int]] | None] = queue.SimpleQueue()
+        self._acker = threading.Thread(target=self._wake, name=f"{name}-acks", daemon=True)
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call ``listener(events, notification_ids)`` after every commit, in commit order.
@@ -155,6 +159,7 @@ class GroupCommitWriter:
 
     def start(self) -> None:
         """Start the writer thread."""
+        self._acker.start()
         self._thread.start()
 
     def encode(self, events: Sequence[Any]) -> list[Row] | None:
@@ -214,6 +219,10 @@ class GroupCommitWriter:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        # Only once the writer is gone: it may still hand over batches until then.
+        if self._acker.is_alive() and not self._thread.is_alive():
+            self._acks.put(None)  # after everything the writer handed over
+            self._acker.join(timeout)
 
     @property
     def pending(self) -> int:
@@ -340,11 +349,35 @@ class GroupCommitWriter:
                 listener(events, ids)
             except Exception:
                 log.exception("commit listener failed")
-        offset = 0
-        for submission in batch:
-            n = len(submission.events)
-            _resolve(submission.future, ids[offset : offset + n])
-            offset += n
+        # Committed (and the listeners ran): the callers may be told. Not here: waking
+        # a parked RPC thread is a futex call made holding the GIL, and every woken thread
+        # then asks for the GIL, which would be taken from this thread in the middle of
+        # its next transaction; the acker thread wakes them while this thread waits for
+        # PostgreSQL. One hand-off per transaction instead of one wake-up per caller on
+        # the commit path. Order is kept: one FIFO, one acker.
+        if self._acker.is_alive():
+            self._acks.put((batch, ids))
+        else:  # not started (a writer driven by hand) or already closed
+            _ack(batch, ids)
+
+    def _wake(self) -> None:
+        """Acker thread: resolve committed batches' futures, in commit order, until ``None``."""
+        while True:
+            item = self._acks.get()
+            if item is None:
+                return
+            try:
+                _ack(*item)
+            except Exception:  # never leave later callers waiting
+                log.exception("resolving committed submissions failed")
+
+
+def _ack(batch: list[Submission], ids: list[int]) -> None:
+    offset = 0
+    for submission in batch:
+        n = len(submission.events)
+        _resolve(submission.future, ids[offset : offset + n])
+        offset += n
 
 
 def _resolve(future: Ticket, outcome: list[int] | BaseException) -> None:
