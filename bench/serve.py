@@ -2,8 +2,9 @@
 
 Usage: ``python bench/serve.py [--seconds 5] [--json]`` with ``LEARNLEDGER_DATABASE_URL``
 (and optionally ``LEARNLEDGER_SCHEMA``) pointing at PostgreSQL; the embedded server is
-used otherwise. Reports RPS (and rows/s), p50/p99 latency, and for unary Predict the
-ratio to the echo server, which answers the same messages without doing anything.
+used otherwise. Reports RPS (and rows/s), p50/p99 latency, and for unary Predict and the
+feedback streams the ratio to the echo server, which answers the same messages (or
+counts the same labels) without doing anything.
 """
 
 from __future__ import annotations
@@ -36,13 +37,46 @@ MAX_LABELS = 400_000
 
 
 class EchoServicer(pb_grpc.LedgerServicer):
-    """Answers Predict with a constant reply: the cost of gRPC alone."""
+    """Answers Predict with a constant reply, and counts streamed labels: the cost of gRPC alone."""
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         """Echo."""
         return pb.PredictResponse(
             prediction_id=request.prediction_id, score=0.5, model_version=1, params_digest="sha256:echo"
         )
+
+    def FeedbackStream(self, request_iterator: Any, context: grpc.ServicerContext) -> pb.FeedbackSummary:
+        """Count the labels, one per message."""
+        return pb.FeedbackSummary(accepted=sum(1 for _ in request_iterator))
+
+    def FeedbackBatchStream(self, request_iterator: Any, context: grpc.ServicerContext) -> pb.FeedbackSummary:
+        """Count the labels, many per message."""
+        return pb.FeedbackSummary(accepted=sum(len(m.items) for m in request_iterator))
+
+
+def feedback_run(meter: Any, target: Any, kind: str, messages: list[list[Any]], expected: int) -> dict[str, Any]:
+    """Send each list of messages on its own stream, all at once; time the whole and check every label counted."""
+    spans: list[float] = []
+    summaries: list[pb.FeedbackSummary] = []
+    call = target.FeedbackBatchStream if kind == "batch" else target.FeedbackStream
+
+    def one_stream(stream: list[Any]) -> None:
+        t0 = time.perf_counter()
+        summaries.append(call(iter(stream)))
+        spans.append(time.perf_counter() - t0)
+
+    reading = meter.start()
+    workers = [threading.Thread(target=one_stream, args=(stream,)) for stream in messages]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    cpu = meter.since(reading)
+    elapsed = time.perf_counter() - reading[0]
+    accepted = sum(x.accepted + x.late for x in summaries)
+    if accepted != expected:
+        raise RuntimeError(f"{expected} labels sent, {accepted} accepted: {summaries}")
+    return {"elapsed": elapsed, "spans": spans, "accepted": accepted, **cpu}
 
 
 def run_echo_server() -> None:
@@ -245,57 +279,43 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
 
-        # FeedbackBatchStream: fixed work (every label once), timed as a whole; the
-        # messages are built before the clock starts (the client must not starve the server).
+        # FeedbackBatchStream (256 labels a message) and FeedbackStream (one label a
+        # message, the RPC the issue names): fixed work (every label once), timed as a
+        # whole; the messages are built before the clock starts (the client must not
+        # starve the server). Each run labels its own predictions.
         streams = 4
-        per_round = min(len(made) // (streams * args.repeat), 32_768)
-        for r in range(args.repeat if "feedback" in only else 0):
-            messages = []
+        per_round = min(len(made) // (streams * args.repeat * 2), 32_768)
+        runs = [(kind, r) for kind in ("batch", "single") for r in range(args.repeat if "feedback" in only else 0)]
+        for n, (kind, _) in enumerate(runs):
+            # One label a message is slower: fewer labels keep its run within seconds.
+            size = per_round if kind == "batch" else min(per_round, 8_192)
+            messages: list[list[Any]] = []
             for k in range(streams):
-                ids = made[(r * streams + k) * per_round : (r * streams + k + 1) * per_round]
-                messages.append(
-                    [
-                        pb.FeedbackBatch(
-                            items=[
-                                pb.FeedbackRequest(prediction_id=p, label=float(j % 2))
-                                for j, p in enumerate(ids[m : m + 256])
-                            ]
-                        )
-                        for m in range(0, len(ids), 256)
-                    ]
-                )
-            spans: list[float] = []
-            summaries: list[pb.FeedbackSummary] = []
+                ids = made[(n * streams + k) * per_round : (n * streams + k) * per_round + size]
+                requests = [pb.FeedbackRequest(prediction_id=p, label=float(j % 2)) for j, p in enumerate(ids)]
+                if kind == "batch":
+                    messages.append([pb.FeedbackBatch(items=requests[m : m + 256]) for m in range(0, len(ids), 256)])
+                else:
+                    messages.append(requests)
 
-            def feedback_stream(
-                batches: list[pb.FeedbackBatch], spans: list[float], summaries: list[pb.FeedbackSummary]
-            ) -> None:
-                t0 = time.perf_counter()
-                summaries.append(stub.FeedbackBatchStream(iter(batches)))
-                spans.append(time.perf_counter() - t0)
-
-            reading = meter.start()
-            workers = [
-                threading.Thread(target=feedback_stream, args=(messages[k], spans, summaries)) for k in range(streams)
-            ]
-            for t in workers:
-                t.start()
-            for t in workers:
-                t.join()
-            cpu = meter.since(reading)
-            elapsed = time.perf_counter() - reading[0]
-            accepted = sum(x.accepted + x.late for x in summaries)
-            if accepted != streams * per_round:
-                raise RuntimeError(f"{streams * per_round} labels sent, {accepted} accepted: {summaries}")
+            # The echo first: it only counts, so the same messages can be sent to the server after.
+            echo_run = feedback_run(meter, echo_stub, kind, messages, streams * size)
+            ours = feedback_run(meter, stub, kind, messages, streams * size)
             results.append(
                 {
-                    "load": f"FeedbackBatchStream 256/msg x{streams}",
-                    "rps": streams / elapsed,
-                    "rows_per_s": accepted / elapsed,
-                    "p50_ms": 1000 * sorted(spans)[len(spans) // 2],
-                    "p99_ms": 1000 * max(spans),
-                    "server_cpu": cpu["server_cpu"],
-                    "client_cpu": cpu["client_cpu"],
+                    "load": f"FeedbackBatchStream 256/msg x{streams}"
+                    if kind == "batch"
+                    else f"FeedbackStream x{streams}",
+                    "rps": streams / ours["elapsed"],
+                    "rows_per_s": ours["accepted"] / ours["elapsed"],
+                    "p50_ms": 1000 * sorted(ours["spans"])[len(ours["spans"]) // 2],
+                    "p99_ms": 1000 * max(ours["spans"]),
+                    "echo_rps": echo_run["accepted"] / echo_run["elapsed"],
+                    "ratio": (ours["accepted"] / ours["elapsed"]) / (echo_run["accepted"] / echo_run["elapsed"]),
+                    "server_cpu": ours["server_cpu"],
+                    "client_cpu": ours["client_cpu"],
+                    "echo_cpu": echo_run["echo_cpu"],
+                    "echo_client_cpu": echo_run["client_cpu"],
                     "loadavg": os.getloadavg()[0],
                 }
             )
