@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,8 +68,9 @@ MIN_CHUNK_STEPS = 8
 # Made + Labeled). ~20k rows of ~400 bytes: ~8 MB a page.
 PAGE_EXAMPLES = 16_384
 PAGE_ROWS = 20_000
-# Read the next range of the log on a second thread while a range is decoded.
-READ_AHEAD = True
+# Ranges of the log read ahead (each on its own connection) while one is decoded: two
+# keep PostgreSQL's cut-out running on the second core most of the time.
+READ_AHEAD = 2
 # The examples kept in memory: the newest RING_ROWS read (fewer for wide feature vectors,
 # at most RING_BYTES of features), enough for labels delayed by hundreds of thousands of
 # predictions and for replay buffers; a batch naming an older one takes the typed path.
@@ -151,13 +153,18 @@ def verify_fast(
     """
     from projections.platform import platform_differences
 
-    head, events = _model_history(ledger, model_id)
+    head, decode_events = _model_history(ledger, model_id)
     report = VerifyReport(model=head.name, versions_checked=0, updates_replayed=0)
     report.platform_differences = platform_differences(head.platform)
     folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, snapshot_interval)
-    # Models with a stateful safety policy also have every gate verdict, replay choice
-    # and drift detection re-derived, from the states before and after each event.
-    auditor = SafetyAuditor(ledger, head, folder.learner) if head.spec.policy.stateful else None
+    try:
+        events = decode_events()  # while the folder's first reads run
+        # Models with a stateful safety policy also have every gate verdict, replay choice
+        # and drift detection re-derived, from the states before and after each event.
+        auditor = SafetyAuditor(ledger, head, folder.learner) if head.spec.policy.stateful else None
+    except BaseException:
+        folder.close()
+        raise
     before: LearnerState | None = None
     try:
         for index, (event, folded, state) in enumerate(folder.fold(events)):
@@ -249,38 +256,43 @@ def replayed_digests(
     Raises:
         ReplayError: the log cannot be folded (e.g. a batch names a missing prediction).
     """
-    head, events = _model_history(ledger, model_id)
+    head, decode_events = _model_history(ledger, model_id)
     folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, None)
     try:
-        return [folded for _, folded, _ in folder.fold(events)]
+        return [folded for _, folded, _ in folder.fold(decode_events())]
     finally:
         folder.close()
 
 
-def _model_history(ledger: Ledger, model_id: UUID) -> tuple[Model, list[Any]]:
-    """The model (as far as replay needs it) and its events, oldest first.
+def _model_history(ledger: Ledger, model_id: UUID) -> tuple[Model, Callable[[], list[Any]]]:
+    """The model (as far as replay needs it), and a call that decodes its events, oldest first.
 
     With the PostgreSQL recorder and plain orjson rows, ``UpdateApplied`` events come back
     as ``RecordedUpdate`` and the head is the registered model (name, spec, platform are
-    fixed at registration), so the history is not decoded twice. A stateful safety
+    fixed at registration), so the history is not decoded twice; the caller decodes the
+    events once the example reader has started reading the log. A stateful safety
     policy gets the typed events and the full head: its audit reads both.
     """
     recorder: Any = ledger.recorder
     mapper: Any = ledger.mapper
     if not isinstance(recorder, LedgerRecorder) or mapper.compressor or mapper.cipher:
-        return ledger.get_model_by_id(model_id), ledger.get_model_events(model_id)
+        return ledger.get_model_by_id(model_id), lambda: ledger.get_model_events(model_id)
     stored = recorder.select_events(model_id)
     if not stored:
-        return ledger.get_model_by_id(model_id), []  # raises the ledger's not-found error
+        return ledger.get_model_by_id(model_id), list  # raises the ledger's not-found error
     registered = mapper.to_domain_event(stored[0])
     if not isinstance(registered, Model.Registered) or registered.spec.policy.stateful:
-        return ledger.get_model_by_id(model_id), [mapper.to_domain_event(e) for e in stored]
+        return ledger.get_model_by_id(model_id), lambda: [mapper.to_domain_event(e) for e in stored]
     head = registered.mutate(None)
     assert isinstance(head, Model)
-    events: list[Any] = [registered]
-    for row in stored[1:]:
-        update = _recorded_update(row) if row.topic == UPDATE_APPLIED_TOPIC else None
-        events.append(update if update is not None else mapper.to_domain_event(row))
+
+    def events() -> list[Any]:
+        out: list[Any] = [registered]
+        for row in stored[1:]:
+            update = _recorded_update(row) if row.topic == UPDATE_APPLIED_TOPIC else None
+            out.append(update if update is not None else mapper.to_domain_event(row))
+        return out
+
     return head, events
 
 
@@ -612,8 +624,10 @@ class _PagedExamples:
         # Every Made/Labeled/DefaultLabeled row of this model carries this exact byte
         # string (orjson, no spaces): PostgreSQL skips other models' rows by it.
         self.key = b'"model_id":"' + str(model_id).encode() + b'"'
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-fold-read")
-        self.ahead: Future[ExamplePage] | None = None
+        self.reader = ThreadPoolExecutor(max_workers=max(1, READ_AHEAD), thread_name_prefix="bulk-fold-read")
+        self.ahead: deque[Future[ExamplePage]] = deque()
+        self.submitted = self.next
+        self._read_ahead()
 
     def gather(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """Features [k, n_features] and labels [k] (float64) of these predictions, or None.
@@ -652,14 +666,22 @@ class _PagedExamples:
 
     def close(self) -> None:
         """Stop reading ahead."""
-        if self.ahead is not None:
-            self.ahead.cancel()
-            self.ahead = None
+        for future in self.ahead:
+            future.cancel()
+        self.ahead.clear()
         self.reader.shutdown(wait=False, cancel_futures=True)
 
     def _locate(self, keys: Sequence[str]) -> np.ndarray | None:
         """Ring positions of labeled examples for ``keys``, reading forward until all are met; None if not."""
         get = self.index.get
+        # Read on until the run's last example is met: its label is usually the newest,
+        # so all the others are met too and each id is looked up once, not once per range.
+        last = keys[-1] if keys else None
+        while last is not None and self.next <= self.end:
+            g_last = get(last, -1)
+            if g_last >= 0 and self.labels[g_last % self.capacity] == self.labels[g_last % self.capacity]:
+                break  # met and labeled (not NaN)
+            self._read_page()
         g = np.array([get(key, -1) for key in keys], np.int64)
         while True:
             if ((g >= 0) & (g < self.rows - self.capacity)).any():
@@ -677,21 +699,25 @@ class _PagedExamples:
     def _read_page(self) -> None:
         started = time.perf_counter()
         first, last = self.next, self.next + self.page_rows - 1
-        page = self.ahead.result() if self.ahead is not None else self.store.select_example_page(first, last, self.key)
+        # Ranges are only ever read forward, so a read-ahead is wasted at most at the end.
+        page = self.ahead.popleft().result() if self.ahead else self.store.select_example_page(first, last, self.key)
         self.next += self.page_rows
-        # Read the next range while this one is decoded and folded: PostgreSQL's side of
-        # the read (the cut-out runs there) then overlaps this process's work. Ranges
-        # are only ever read forward, so a read-ahead is wasted at most once, at the end.
-        self.ahead = None
-        if READ_AHEAD and self.next <= self.end:
-            self.ahead = self.reader.submit(
-                self.store.select_example_page, self.next, self.next + self.page_rows - 1, self.key
-            )
+        self._read_ahead()
         read = time.perf_counter()
         self.stats.read_s += read - started
         self._add_made(page)
         self._add_labels(page)
         self.stats.decode_s += time.perf_counter() - read
+
+    def _read_ahead(self) -> None:
+        # PostgreSQL's side of a read (the cut-out runs there) overlaps this process's work.
+        self.submitted = max(self.submitted, self.next)
+        while len(self.ahead) < READ_AHEAD and self.submitted <= self.end:
+            first = self.submitted
+            self.ahead.append(
+                self.reader.submit(self.store.select_example_page, first, first + self.page_rows - 1, self.key)
+            )
+            self.submitted += self.page_rows
 
     def _add_made(self, page: ExamplePage) -> None:
         if not page.made_ids:
