@@ -277,7 +277,7 @@ def _model_history(ledger: Ledger, model_id: UUID) -> tuple[Model, Callable[[], 
     mapper: Any = ledger.mapper
     if not isinstance(recorder, LedgerRecorder) or mapper.compressor or mapper.cipher:
         return ledger.get_model_by_id(model_id), lambda: ledger.get_model_events(model_id)
-    stored = recorder.select_events(model_id)
+    stored = recorder.select_aggregate_events(model_id)
     if not stored:
         return ledger.get_model_by_id(model_id), list  # raises the ledger's not-found error
     registered = mapper.to_domain_event(stored[0])

@@ -75,6 +75,10 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "SELECT originator_id, originator_version, topic, state FROM {schema}.{table} "
             "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
         ).format(schema=schema, table=table)
+        self.select_aggregate_statement = SQL(
+            "SELECT originator_version, topic, state FROM {schema}.{table} "
+            "WHERE originator_id = %s ORDER BY originator_version"
+        ).format(schema=schema, table=table)
         self.select_ids_by_topic_statement = SQL(
             "SELECT originator_id FROM {schema}.{table} WHERE topic = %s ORDER BY notification_id"
         ).format(schema=schema, table=table)
@@ -255,6 +259,19 @@ class LedgerRecorder(PostgresApplicationRecorder):
             assert last_row is not None
             last = int(last_row["last"])
         return list(range(last - len(rows) + 1, last + 1))
+
+    def select_aggregate_events(self, originator_id: UUID) -> list[StoredEvent]:
+        """``select_events(originator_id)``, read in binary mode: a model's history for replay.
+
+        The library's reader uses the text protocol, which hex-encodes every ``bytea`` and
+        builds a dict per row: ~2x the time for a model with thousands of updates.
+        """
+        with self.datastore.get_connection() as conn, conn.cursor(binary=True, row_factory=tuple_row) as curs:
+            curs.execute(self.select_aggregate_statement, (originator_id,))
+            return [
+                StoredEvent(originator_id=originator_id, originator_version=version, topic=topic, state=bytes(state))
+                for version, topic, state in curs.fetchall()
+            ]
 
     def select_events_for_originators(self, originator_ids: Sequence[UUID]) -> list[StoredEvent]:
         """Every stored event of the given aggregates, in one query."""
