@@ -38,8 +38,8 @@ class ExamplePage:
         label_kinds: one letter per ``label_ids`` entry: ``L`` labeled in the window,
             ``l`` labeled late, ``D`` default label, ``O`` anything else.
         labels: the label values of the ``L``/``l``/``D`` rows, comma-separated.
-        unusual: a row the cut-out cannot be trusted on (a ``class_version``, a missing
-            key): the reader then takes the whole range through the typed path.
+        unusual: a row the cut-out cannot be trusted on (a key it looks for is missing):
+            the reader then takes the whole range through the typed path.
     """
 
     made_ids: str | None
@@ -83,9 +83,8 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "SELECT originator_id FROM {schema}.{table} WHERE topic = %s ORDER BY notification_id"
         ).format(schema=schema, table=table)
         # The page is cut out with byte searches on the orjson text (no JSON parsing in
-        # PostgreSQL: ~2 µs a row). Keys are found by their exact serialised form
-        # (orjson writes no spaces); the library appends ``class_version`` as the last
-        # key of an event written by a newer class, so only the row's tail is searched.
+        # PostgreSQL: ~1.7 µs a row). Keys are found by their exact serialised form
+        # (orjson writes no spaces).
         self.select_example_page_statement = SQL(
             "SELECT "
             "string_agg(originator_id::text, ',') FILTER (WHERE topic = {made}), "
@@ -98,8 +97,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
             "FILTER (WHERE topic <> {made}), "
             "string_agg(substring(tail FROM 1 FOR greatest(position('\\x2c'::bytea IN tail) - 1, 0)), '\\x2c'::bytea) "
             "FILTER (WHERE topic IN ({labeled}, {default})), "
-            "coalesce(bool_or(at = 0 OR position('\"class_version\"'::bytea IN "
-            "substring(state FROM greatest(1, length(state) - 23))) > 0), false) "
+            "coalesce(bool_or(at = 0), false) "
             "FROM (SELECT originator_id, topic, state, at, "
             "CASE WHEN topic = {made} THEN substring(state FROM at + 12) "
             "ELSE substring(state FROM at + 8 FOR 40) END AS tail "
