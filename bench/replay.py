@@ -225,7 +225,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, schema: str) -
             f"{'/'.join(f'{v:.2f}' for v in r['loadavg_before'])} | {r['replayer_ex_s']:,} | "
             f"**{r['fast_ex_s']:,}** ({_runs(r['fast_ex_s_runs'])}) | {r['ceiling_ex_s']:,} "
             f"({_runs(r['ceiling_ex_s_runs'])}) | {r['loop_no_digest_ex_s']:,} | {r['replayer_ratio']:.2f} | "
-            f"**{r['fast_ratio']:.2f}** | {met} |"
+            f"**{r['fast_ratio']:.3f}** | {met} |"
         )
     lines += [
         "",
