@@ -682,6 +682,7 @@ class _PagedExamples:
             if g_last >= 0 and self.labels[g_last % self.capacity] == self.labels[g_last % self.capacity]:
                 break  # met and labeled (not NaN)
             self._read_page()
+            get = self.index.get  # a read may have replaced the index (pruned)
         g = np.array([get(key, -1) for key in keys], np.int64)
         while True:
             if ((g >= 0) & (g < self.rows - self.capacity)).any():
@@ -693,6 +694,7 @@ class _PagedExamples:
             if self.next > self.end:
                 return None
             self._read_page()
+            get = self.index.get  # a read may have replaced the index (pruned)
             # Only the ids not met yet can have changed (a row once stored keeps its number).
             g[unmet] = [get(keys[i], -1) for i in unmet.tolist()]
 

@@ -312,6 +312,28 @@ def test_any_page_size_and_ring_size_give_the_replayer_report(
     assert stats.gathered_runs + stats.example_runs > 0
 
 
+def test_a_long_history_through_a_small_ring_stays_on_the_fast_path(runtime: Any, monkeypatch: Any) -> None:
+    # Many times the ring's capacity, and runs of updates that span several ranges: the id
+    # index is pruned again and again, also in the middle of locating a run, and every
+    # run must still find its examples in the ring.
+    monkeypatch.setattr(bulk_fold, "PAGE_ROWS", 20)  # ~10 predictions a range
+    monkeypatch.setattr(bulk_fold, "RING_ROWS", 100)
+    monkeypatch.setattr(bulk_fold, "PAGE_EXAMPLES", 64)  # 4 updates a run
+    spec = LearnerSpec(kind="logistic", n_features=4, batch_size=16, learning_rate=0.05)
+    name = next(_names)
+    runtime.service.register_model(name, spec, "test")
+    stream = drifting_binary_stream(800, n_features=4, seed=9)
+    run_simulation(runtime.service, name, stream.x, stream.y, label_delays=np.full(800, 2))
+    model = runtime.ledger.get_model(name)
+    stats = BulkFoldStats()
+
+    fast = verify_fast(runtime.ledger, model.id, stats=stats)
+
+    assert fast == Replayer(runtime.ledger, write_snapshots=False).verify_stepwise(model.id)
+    assert fast.verified and stats.updates == 50
+    assert stats.example_runs == 0 and stats.gathered_runs > 0
+
+
 def test_a_plain_history_gathers_every_run_from_the_ring(runtime: Any) -> None:
     name = _history(runtime, SPECS[0], 5, 0.5)
     stats = BulkFoldStats()
