@@ -162,7 +162,9 @@ class LedgerServer:
         """Start the writer, recover and start the learner, then take traffic."""
         # First: a port in use then fails the start before any thread runs.
         if self.settings.metrics_port is not None:
-            self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.host, self.settings.metrics_port)
+            self.metrics_endpoint = MetricsEndpoint(
+                self.metrics.registry, self.host, self.settings.metrics_port, tokens=self.settings.tokens
+            )
             log.info("metrics on http://%s:%d/metrics", self.host, self.metrics_endpoint.port)
         # --- operator dashboard (server.dashboard): started and stopped with the server
         if self.settings.http_port is not None:

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from socketserver import ThreadingMixIn
 from typing import Any, NamedTuple
 from uuid import UUID
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from server.auth import TokenTable
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +353,25 @@ class LedgerMetrics:
 
 
 class MetricsEndpoint:
-    """``/metrics`` over HTTP in the Prometheus text format, served by ``prometheus_client``."""
+    """``/metrics`` over HTTP in the Prometheus text format, rendered by ``prometheus_client``.
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+    With a token table (``serve --tokens``) every scrape needs a bearer token with the
+    ``audit`` role, as the dashboard does: per-model traffic, rejection and drift counts
+    are operational data, and with tokens the server may listen beyond loopback. In
+    Prometheus: ``authorization: {credentials: <token>}`` in the scrape config.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, tokens: TokenTable | None = None):
         """Listen on ``host:port`` (0: a free port) in a daemon thread."""
-        self._server, self._thread = start_http_server(port, addr=host.strip("[]"), registry=registry)
+        address = host.strip("[]")
+        if tokens is None:
+            self._server, self._thread = start_http_server(port, addr=address, registry=registry)
+        else:
+            family = _Threading6WSGIServer if ":" in address else _ThreadingWSGIServer
+            app = _bearer_guard(make_wsgi_app(registry), tokens, METRICS_ROLE)
+            self._server = make_server(address, port, app, family, handler_class=_QuietHandler)
+            self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+            self._thread.start()
         self.host = host
         self.port: int = self._server.server_port
 
@@ -360,6 +380,41 @@ class MetricsEndpoint:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5.0)
+
+
+METRICS_ROLE = "audit"
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Threading6WSGIServer(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would flood the log
+
+
+def _bearer_guard(app: WSGIApplication, tokens: TokenTable, role: str) -> WSGIApplication:
+    """``app`` behind ``Authorization: Bearer <token>``: 401 without a known token, 403 without ``role``."""
+
+    def guarded(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        caller = tokens.lookup(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if caller is not None and role in caller.roles:
+            return app(environ, start_response)
+        status = "401 Unauthorized" if caller is None else "403 Forbidden"
+        message = f"/metrics needs a token with the {role} role (Authorization: Bearer <token>)\n".encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(message)))]
+        if caller is None:
+            headers.append(("WWW-Authenticate", 'Bearer realm="learnledger"'))
+        start_response(status, headers)
+        return [message]
+
+    return guarded
 
 
 def follow_log_metrics(ledger: Any, metrics: LedgerMetrics, stop: threading.Event) -> threading.Thread:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,11 +29,12 @@ from tests.e2e.conftest import SPEC, TOKENS, token_table
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(server: LedgerServer) -> Samples:
+def scrape(server: LedgerServer, token: str | None = None) -> Samples:
     """Every sample of the server's ``/metrics`` page, keyed by name and label set."""
     assert server.metrics_endpoint is not None
     url = f"http://{server.host}:{server.metrics_endpoint.port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as reply:
         assert reply.status == 200
         assert reply.headers["Content-Type"].startswith("text/plain")
         text = reply.read().decode()
@@ -139,11 +141,27 @@ def test_request_id_returned_and_refusals_counted(start_server: Callable[..., Le
         assert generated and generated != "req-42"
     with LedgerClient(server.address, token=TOKENS["admin"][0], retries=0) as admin:
         admin.register_model("m1", SPEC)
-    samples = scrape(server)
+    samples = scrape(server, TOKENS["auditor"][0])
     assert rpc(samples, "GetModel", "UNAUTHENTICATED") == 1
     assert rpc(samples, "RegisterModel", "OK") == 1
     check = {"service": "grpc.health.v1.Health", "method": "Check", "code": "OK"}
     assert value(samples, "learnledger_rpc_requests_total", **check) == 1
+
+
+def test_with_tokens_a_scrape_needs_the_audit_role(start_server: Callable[..., LedgerServer]) -> None:
+    server = start_server(tokens=token_table(), metrics_port=0)
+    assert server.metrics_endpoint is not None
+    url = f"http://{server.host}:{server.metrics_endpoint.port}/metrics"
+    # Without a token, with an unknown one, and with one lacking the audit role: refused.
+    for token, status in ((None, 401), ("not-a-token", 401), (TOKENS["predictor"][0], 403)):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        assert refused.value.code == status
+        assert "audit role" in refused.value.read().decode()
+    # With the audit role: the page.
+    samples = scrape(server, TOKENS["auditor"][0])
+    assert value(samples, "learnledger_commit_latency_seconds_count") == 0.0
 
 
 def test_no_endpoint_unless_asked(start_server: Callable[..., LedgerServer]) -> None:
