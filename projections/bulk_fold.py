@@ -391,7 +391,7 @@ class _BulkFolder:
                         raise ReplayError(f"version {version}: an update before registration")
                     j, taken = i, 0
                     while j < len(events) and taken < PAGE_EXAMPLES and isinstance(events[j], UPDATE_EVENTS):
-                        taken += len(events[j].prediction_ids) + len(events[j].replayed_ids)
+                        taken += len(events[j].prediction_ids) + len(getattr(events[j], "replayed_ids", ()))
                         j += 1
                     page = self._fold_page(state, events[i:j])
                     for update, (digest, after) in zip(events[i:j], page, strict=False):
@@ -490,8 +490,9 @@ class _BulkFolder:
         Stops before the first update whose batch cannot be built and returns its error
         (the same message ``examples_for`` raises) for the caller to raise in its turn.
         """
-        keys = [key for update in updates for key in _batch_keys(update)]
-        counts = np.fromiter((len(_batch_keys(u)) for u in updates), np.int64, len(updates))
+        per_update = [_batch_keys(update) for update in updates]
+        keys = [key for batch in per_update for key in batch]
+        counts = np.fromiter(map(len, per_update), np.int64, len(updates))
         if isinstance(self.examples, _PagedExamples):
             gathered = self.examples.gather(keys)
             if gathered is not None:
@@ -505,15 +506,15 @@ class _BulkFolder:
         # Something is unusual (missing, unlabeled, late, of another model, evicted,
         # upcast): example by example, with the typed events and the typed reader's word.
         self.stats.example_runs += 1
-        updates = [self._typed(update) for update in updates]
-        facts = self.examples.take([key for update in updates for key in _batch_keys(update)])
+        per_update = [_batch_keys(self._typed(update)) for update in updates]
+        facts = self.examples.take([key for batch in per_update for key in batch])
         started = time.perf_counter()
         rows: list[Any] = []
         labels: list[float] = []
         good = 0
         error: ReplayError | None = None
-        for update in updates:
-            error = self._append_examples(_batch_keys(update), facts, rows, labels)
+        for batch in per_update:
+            error = self._append_examples(batch, facts, rows, labels)
             if error is not None:
                 break
             good += 1

@@ -73,19 +73,7 @@ def _partial_updates(rt: Any, name: str, extra: int, seed: int) -> None:
     y = _labels(spec, x, (x[:, 0] > 0).astype(float))
     now = datetime.now(UTC)
     made = prediction_events(model, extra, when=now, features=lambda i: x[i].tolist())
-    labels = [
-        make_label_event(
-            e.originator_id,
-            model_id=model.id,
-            label=float(y[i]),
-            source="t",
-            event_time=now,
-            in_window=True,
-            actor="t",
-            timestamp=now,
-        )
-        for i, e in enumerate(made)
-    ]
+    labels = [_label_event(e.originator_id, model.id, float(y[i])) for i, e in enumerate(made)]
     rt.ledger.record([*made, *labels])
     for event, label in zip(made, labels, strict=True):
         live.add(LabeledExample(event.originator_id, tuple(event.features), label.label))
