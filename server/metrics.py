@@ -19,14 +19,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from socketserver import ThreadingMixIn
 from typing import Any, NamedTuple
 from uuid import UUID
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from server.auth import TokenTable
 
@@ -367,7 +367,7 @@ class MetricsEndpoint:
         if tokens is None:
             self._server, self._thread = start_http_server(port, addr=address, registry=registry)
         else:
-            family = _Threading6WSGIServer if ":" in address else _ThreadingWSGIServer
+            family = _Threading6WSGIServer if ":" in address else ThreadingWSGIServer
             app = _bearer_guard(make_wsgi_app(registry), tokens, METRICS_ROLE)
             self._server = make_server(address, port, app, family, handler_class=_QuietHandler)
             self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
@@ -385,11 +385,7 @@ class MetricsEndpoint:
 METRICS_ROLE = "audit"
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Threading6WSGIServer(_ThreadingWSGIServer):
+class _Threading6WSGIServer(ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
 
