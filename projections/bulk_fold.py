@@ -47,6 +47,7 @@ from domain.model import STATE_KEEPING_EVENTS, Model
 from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.digest import state_digest, state_from_bytes, state_to_bytes
+from projections.id_keys import IdIndex, IdSet, ids_from_bytes, ids_from_text
 from projections.learners import Batch, Learner, LearnerState, Metrics, make_batch, make_learner
 from projections.rebaseline import refit
 from projections.replay import (
@@ -153,10 +154,17 @@ def verify_fast(
     """
     from projections.platform import platform_differences
 
-    head, decode_events = _model_history(ledger, model_id)
+    # The log's first ranges are read while the model's own history is.
+    reads = _range_reads(ledger, model_id)
+    try:
+        head, decode_events = _model_history(ledger, model_id)
+    except BaseException:
+        if reads is not None:
+            reads.close()
+        raise
     report = VerifyReport(model=head.name, versions_checked=0, updates_replayed=0)
     report.platform_differences = platform_differences(head.platform)
-    folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, snapshot_interval)
+    folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, snapshot_interval, reads=reads)
     try:
         events = decode_events()  # while the folder's first reads run
         # Models with a stateful safety policy also have every gate verdict, replay choice
@@ -340,6 +348,7 @@ class _BulkFolder:
         max_chunk_steps: int,
         snapshot_interval: int | None,
         sequential: bool = True,
+        reads: _RangeReads | None = None,
     ):
         self.ledger = ledger
         self.head = head
@@ -350,14 +359,14 @@ class _BulkFolder:
         recorder: Any = ledger.recorder
         self.store: LedgerRecorder | None = recorder if isinstance(recorder, LedgerRecorder) else None
         self.snapshot_interval = snapshot_interval if self.store is not None else None
+        self.snapshotted: set[int] | None = None
         mapper: Any = ledger.mapper
         self.mapper = mapper
         self.examples: _TypedExamples | _PagedExamples = _TypedExamples(ledger, stats)
-        # Cutting facts out of the orjson text is only right when the bytes are plain
-        # orjson and no stored prediction event needs upcasting.
-        plain = not mapper.compressor and not mapper.cipher
-        if sequential and self.store is not None and plain and _prediction_events_are_v1():
-            self.examples = _PagedExamples(ledger, self.store, head.id, self.spec.n_features, stats)
+        if sequential and reads is None:
+            reads = _range_reads(ledger, head.id)
+        if reads is not None:
+            self.examples = _PagedExamples(ledger, reads, self.spec.n_features, stats)
         self.diverged = False
 
     def close(self) -> None:
@@ -428,7 +437,12 @@ class _BulkFolder:
         if version in targets:
             kept[version] = state
         if self.snapshot_interval and self.store is not None and version % self.snapshot_interval == 0:
-            self.store.put_snapshot(self.head.id, version, digest, state_to_bytes(state))
+            if self.snapshotted is None:
+                # Usually the learner cached them all already: one query instead of a
+                # no-op insert (a round trip and the state's bytes) per snapshot.
+                self.snapshotted = self.store.snapshot_versions(self.head.id)
+            if version not in self.snapshotted:
+                self.store.put_snapshot(self.head.id, version, digest, state_to_bytes(state))
         if isinstance(event, RecordedUpdate):
             return FoldedDigest(version, "UpdateApplied", event.digest, digest)
         return FoldedDigest(version, type(event).__name__, _recorded_digest(event), digest)
@@ -589,6 +603,77 @@ class _TypedExamples:
         return {str(pid): [p.model_id, p.features, p.label, p.in_window] for pid, p in found.items()}
 
 
+class _RangeReads:
+    """One model's facts, range after range of the log from its registration on, read ahead.
+
+    PostgreSQL's side of a read (the cut-out runs there) overlaps this process's work:
+    ``READ_AHEAD`` ranges are in flight, each on its own connection, from construction
+    on, so ``verify_fast`` starts them before it reads the model's own history.
+    """
+
+    def __init__(self, store: LedgerRecorder, model_id: UUID):
+        self.store = store
+        self.model_id = model_id
+        # Every Made/Labeled/DefaultLabeled row of this model carries this exact byte
+        # string (orjson, no spaces): PostgreSQL skips other models' rows by it.
+        self.key = b'"model_id":"' + str(model_id).encode() + b'"'
+        self.next = store.select_notification_id(model_id, 1) or 1
+        self.end = int(store.max_notification_id() or 0)
+        self.page_rows = PAGE_ROWS
+        self.pool = ThreadPoolExecutor(max_workers=max(1, READ_AHEAD), thread_name_prefix="bulk-fold-read")
+        self.ahead: deque[Future[ExamplePage]] = deque()
+        self.submitted = self.next
+        self._read_ahead()
+
+    @property
+    def done(self) -> bool:
+        """Whether every range up to the log's end (when reading began) was read."""
+        return self.next > self.end
+
+    def read(self) -> ExamplePage:
+        """The next range's facts (waiting for its read-ahead)."""
+        first = self.next
+        # Ranges are only ever read forward, so a read-ahead is wasted at most at the end.
+        page = (
+            self.ahead.popleft().result()
+            if self.ahead
+            else self.store.select_example_page(first, first + self.page_rows - 1, self.key)
+        )
+        self.next += self.page_rows
+        self._read_ahead()
+        return page
+
+    def close(self) -> None:
+        """Stop reading ahead."""
+        for future in self.ahead:
+            future.cancel()
+        self.ahead.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_ahead(self) -> None:
+        self.submitted = max(self.submitted, self.next)
+        while len(self.ahead) < READ_AHEAD and self.submitted <= self.end:
+            first = self.submitted
+            last = first + self.page_rows - 1
+            self.ahead.append(self.pool.submit(self.store.select_example_page, first, last, self.key))
+            self.submitted += self.page_rows
+
+
+def _range_reads(ledger: Ledger, model_id: UUID) -> _RangeReads | None:
+    """Range reads for the paged example reader, when it applies to this ledger; None otherwise.
+
+    Cutting facts out of the orjson text is only right when the bytes are plain orjson
+    and no stored prediction event needs upcasting.
+    """
+    recorder: Any = ledger.recorder
+    mapper: Any = ledger.mapper
+    if not isinstance(recorder, LedgerRecorder) or mapper.compressor or mapper.cipher:
+        return None
+    if not _prediction_events_are_v1():
+        return None
+    return _RangeReads(recorder, model_id)
+
+
 class _PagedExamples:
     """One model's labeled examples, read forward through the log a range at a time, kept in arrays.
 
@@ -606,29 +691,19 @@ class _PagedExamples:
     ``Ledger.get_predictions`` would give.
     """
 
-    def __init__(self, ledger: Ledger, store: LedgerRecorder, model_id: UUID, n_features: int, stats: BulkFoldStats):
+    def __init__(self, ledger: Ledger, reads: _RangeReads, n_features: int, stats: BulkFoldStats):
         self.typed = _TypedExamples(ledger, stats)
-        self.store = store
+        self.reads = reads
         self.stats = stats
-        self.model_id = model_id
+        self.model_id = reads.model_id
         self.n_features = n_features
-        self.next = store.select_notification_id(model_id, 1) or 1
-        self.end = int(store.max_notification_id() or 0)
-        self.page_rows = PAGE_ROWS
         self.capacity = max(2 * PAGE_ROWS, min(RING_ROWS, RING_BYTES // (8 * max(1, n_features))))
         self.features = np.zeros((self.capacity, n_features), np.float64)
         self.labels = np.full(self.capacity, np.nan)
         self.in_window = np.zeros(self.capacity, bool)
         self.rows = 0
-        self.index: dict[str, int] = {}
-        self.doubtful: set[str] = set()
-        # Every Made/Labeled/DefaultLabeled row of this model carries this exact byte
-        # string (orjson, no spaces): PostgreSQL skips other models' rows by it.
-        self.key = b'"model_id":"' + str(model_id).encode() + b'"'
-        self.reader = ThreadPoolExecutor(max_workers=max(1, READ_AHEAD), thread_name_prefix="bulk-fold-read")
-        self.ahead: deque[Future[ExamplePage]] = deque()
-        self.submitted = self.next
-        self._read_ahead()
+        self.index = IdIndex()
+        self.doubtful = IdSet()
 
     def gather(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """Features [k, n_features] and labels [k] (float64) of these predictions, or None.
@@ -637,8 +712,11 @@ class _PagedExamples:
         model in the ring (missing, unlabeled, late, evicted, doubtful): the caller
         takes the example-by-example path, which reports exactly what is wrong.
         """
-        at = self._locate(keys)
-        if at is None or (self.doubtful and not self.doubtful.isdisjoint(keys)):
+        ids = ids_from_text(keys)
+        if ids is None:
+            return None
+        at = self._locate(ids)
+        if at is None or self.doubtful.contains(ids).any():
             return None
         if not self.in_window[at].all():
             return None
@@ -646,19 +724,19 @@ class _PagedExamples:
 
     def take(self, keys: Sequence[str]) -> dict[str, Fact]:
         """Facts of the given predictions by id text; absent ones are missing from the log."""
-        self._locate(keys)  # reads ahead as far as the log goes when something is not met
         out: dict[str, Fact] = {}
-        missing = []
-        oldest = self.rows - self.capacity
-        for key in keys:
-            g = self.index.get(key, -1)
-            if g >= 0 and g >= oldest and key not in self.doubtful:
-                at = g % self.capacity
-                label = float(self.labels[at])
-                if label == label:  # not NaN: labeled
-                    out[key] = [self.model_id, tuple(self.features[at].tolist()), label, bool(self.in_window[at])]
-                    continue
-            missing.append(key)
+        ids = ids_from_text(keys)
+        if ids is None:
+            return self.typed.take(keys)
+        self._locate(ids)  # reads ahead as far as the log goes when something is not met
+        g = self.index.lookup(ids)
+        at = g % self.capacity
+        ok = (g >= max(0, self.rows - self.capacity)) & ~self.doubtful.contains(ids) & ~np.isnan(self.labels[at])
+        missing = [key for key, good in zip(keys, ok.tolist(), strict=True) if not good]
+        for k in np.flatnonzero(ok).tolist():
+            row = at[k]
+            features = tuple(self.features[row].tolist())
+            out[keys[k]] = [self.model_id, features, float(self.labels[row]), bool(self.in_window[row])]
         if missing:
             # Not met in one pass (of another model, labeled late in an odd order, evicted,
             # upcast): the typed path decides, exactly as Replayer would.
@@ -667,24 +745,18 @@ class _PagedExamples:
 
     def close(self) -> None:
         """Stop reading ahead."""
-        for future in self.ahead:
-            future.cancel()
-        self.ahead.clear()
-        self.reader.shutdown(wait=False, cancel_futures=True)
+        self.reads.close()
 
-    def _locate(self, keys: Sequence[str]) -> np.ndarray | None:
-        """Ring positions of labeled examples for ``keys``, reading forward until all are met; None if not."""
-        get = self.index.get
+    def _locate(self, ids: np.ndarray) -> np.ndarray | None:
+        """Ring positions of labeled examples for ``ids``, reading forward until all are met; None if not."""
         # Read on until the run's last example is met: its label is usually the newest,
         # so all the others are met too and each id is looked up once, not once per range.
-        last = keys[-1] if keys else None
-        while last is not None and self.next <= self.end:
-            g_last = get(last, -1)
-            if g_last >= 0 and self.labels[g_last % self.capacity] == self.labels[g_last % self.capacity]:
-                break  # met and labeled (not NaN)
+        while len(ids) and not self.reads.done:
+            g_last = int(self.index.lookup(ids[-1:])[0])
+            if g_last >= 0 and not np.isnan(self.labels[g_last % self.capacity]):
+                break  # met and labeled
             self._read_page()
-            get = self.index.get  # a read may have replaced the index (pruned)
-        g = np.array([get(key, -1) for key in keys], np.int64)
+        g = self.index.lookup(ids)
         while True:
             if ((g >= 0) & (g < self.rows - self.capacity)).any():
                 return None  # evicted: more reading cannot bring it back
@@ -692,71 +764,55 @@ class _PagedExamples:
             unmet = np.flatnonzero((g < 0) | np.isnan(self.labels[at]))
             if unmet.size == 0:
                 return at
-            if self.next > self.end:
+            if self.reads.done:
                 return None
             self._read_page()
-            get = self.index.get  # a read may have replaced the index (pruned)
             # Only the ids not met yet can have changed (a row once stored keeps its number).
-            g[unmet] = [get(keys[i], -1) for i in unmet.tolist()]
+            g[unmet] = self.index.lookup(ids[unmet])
 
     def _read_page(self) -> None:
         started = time.perf_counter()
-        first, last = self.next, self.next + self.page_rows - 1
-        # Ranges are only ever read forward, so a read-ahead is wasted at most at the end.
-        page = self.ahead.popleft().result() if self.ahead else self.store.select_example_page(first, last, self.key)
-        self.next += self.page_rows
-        self._read_ahead()
+        page = self.reads.read()
         read = time.perf_counter()
         self.stats.read_s += read - started
         self._add_made(page)
         self._add_labels(page)
         self.stats.decode_s += time.perf_counter() - read
 
-    def _read_ahead(self) -> None:
-        # PostgreSQL's side of a read (the cut-out runs there) overlaps this process's work.
-        self.submitted = max(self.submitted, self.next)
-        while len(self.ahead) < READ_AHEAD and self.submitted <= self.end:
-            first = self.submitted
-            self.ahead.append(
-                self.reader.submit(self.store.select_example_page, first, first + self.page_rows - 1, self.key)
-            )
-            self.submitted += self.page_rows
-
     def _add_made(self, page: ExamplePage) -> None:
         if not page.made_ids:
             return
-        ids = page.made_ids.split(",")
+        ids = ids_from_bytes(page.made_ids)
         x = None if page.unusual else _parse_features(page.features or b"", len(ids), self.n_features)
         if x is None:
-            self.doubtful.update(ids)
+            self.doubtful.add(ids)
             return
         n, first = len(ids), self.rows
         at = np.arange(first, first + n) % self.capacity
         self.features[at] = x
         self.labels[at] = np.nan
         self.in_window[at] = False
-        self.index.update(zip(ids, range(first, first + n), strict=True))
+        self.index.add(ids, first)
         self.rows += n
-        if len(self.index) > 2 * self.capacity:
-            # Forget ids whose rows were overwritten, so the index stays bounded too.
-            oldest = self.rows - self.capacity
-            self.index = {key: g for key, g in self.index.items() if g >= oldest}
+        # Forget ids whose rows were overwritten, so the index stays bounded too.
+        self.index.forget_before(self.rows - self.capacity)
 
     def _add_labels(self, page: ExamplePage) -> None:
         if not page.label_ids or not page.label_kinds:
             return
-        ids = page.label_ids.split(",")
-        kinds = page.label_kinds
-        if "O" in kinds:
-            self.doubtful.update(key for key, kind in zip(ids, kinds, strict=True) if kind == "O")
-            ids = [key for key, kind in zip(ids, kinds, strict=True) if kind != "O"]
-            kinds = kinds.replace("O", "")
+        ids = ids_from_bytes(page.label_ids)
+        letters = np.frombuffer(page.label_kinds.encode(), np.uint8)
+        if len(letters) != len(ids):
+            raise ReplayError(f"a range read gave {len(ids)} label ids and {len(letters)} kinds")
+        other = letters == ord("O")
+        if other.any():
+            self.doubtful.add(ids[other])
+            ids, letters = ids[~other], letters[~other]
         values = None if page.unusual else _parse_values(page.labels or b"", len(ids))
         if values is None:
-            self.doubtful.update(ids)
+            self.doubtful.add(ids)
             return
-        get = self.index.get
-        g = np.array([get(key, -1) for key in ids], np.int64)
+        g = self.index.lookup(ids)
         known = np.flatnonzero((g >= 0) & (g >= self.rows - self.capacity))
         if known.size == 0:
             return
@@ -767,7 +823,6 @@ class _PagedExamples:
         at = g[rows] % self.capacity
         fresh = np.isnan(self.labels[at])
         rows, at = rows[fresh], at[fresh]
-        letters = np.frombuffer(kinds.encode(), np.uint8)
         self.labels[at] = values[rows]
         self.in_window[at] = letters[rows] != ord("l")
 

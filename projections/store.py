@@ -31,10 +31,11 @@ class ExamplePage:
     of decoding ~2 rows per example in Python.
 
     Attributes:
-        made_ids: the ids of the model's ``Made`` rows, comma-separated (canonical text).
+        made_ids: the ids of the model's ``Made`` rows, 16 raw bytes each, back to back
+            (``uuid_send``: a third of the text's bytes, and no text to format or parse).
         features: their ``features`` arrays without brackets, ``;`` between rows.
         label_ids: the ids of every other prediction row: the model's labels, and any
-            prediction event of another type (of any model), comma-separated.
+            prediction event of another type (of any model), 16 raw bytes each.
         label_kinds: one letter per ``label_ids`` entry: ``L`` labeled in the window,
             ``l`` labeled late, ``D`` default label, ``O`` anything else.
         labels: the label values of the ``L``/``l``/``D`` rows, comma-separated.
@@ -42,9 +43,9 @@ class ExamplePage:
             the reader then takes the whole range through the typed path.
     """
 
-    made_ids: str | None
+    made_ids: bytes | None
     features: bytes | None
-    label_ids: str | None
+    label_ids: bytes | None
     label_kinds: str | None
     labels: bytes | None
     unusual: bool
@@ -87,10 +88,10 @@ class LedgerRecorder(PostgresApplicationRecorder):
         # (orjson writes no spaces).
         self.select_example_page_statement = SQL(
             "SELECT "
-            "string_agg(originator_id::text, ',') FILTER (WHERE topic = {made}), "
+            "string_agg(uuid_send(originator_id), '') FILTER (WHERE topic = {made}), "
             "string_agg(substring(tail FROM 1 FOR greatest(position('\\x5d'::bytea IN tail) - 1, 0)), '\\x3b'::bytea) "
             "FILTER (WHERE topic = {made}), "
-            "string_agg(originator_id::text, ',') FILTER (WHERE topic <> {made}), "
+            "string_agg(uuid_send(originator_id), '') FILTER (WHERE topic <> {made}), "
             "string_agg(CASE WHEN topic = {default} THEN 'D' WHEN topic <> {labeled} THEN 'O' "
             "WHEN position('\"in_window\":true'::bytea IN state) > 0 THEN 'L' "
             "WHEN position('\"in_window\":false'::bytea IN state) > 0 THEN 'l' ELSE 'O' END, '') "
@@ -201,9 +202,9 @@ class LedgerRecorder(PostgresApplicationRecorder):
         assert row is not None
         made_ids, features, label_ids, kinds, labels, unusual = row
         return ExamplePage(
-            made_ids,
+            bytes(made_ids) if made_ids is not None else None,
             bytes(features) if features is not None else None,
-            label_ids,
+            bytes(label_ids) if label_ids is not None else None,
             kinds,
             bytes(labels) if labels is not None else None,
             bool(unusual),
@@ -348,6 +349,15 @@ class LedgerRecorder(PostgresApplicationRecorder):
         ).format(schema=Identifier(self.datastore.schema), t=Identifier(self.snapshots_table_name))
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(statement, (model_id, version, digest, state))
+
+    def snapshot_versions(self, model_id: UUID) -> set[int]:
+        """The versions of the model that have a cached snapshot."""
+        statement = SQL("SELECT version FROM {schema}.{t} WHERE model_id = %s").format(
+            schema=Identifier(self.datastore.schema), t=Identifier(self.snapshots_table_name)
+        )
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (model_id,))
+            return {int(row["version"]) for row in curs.fetchall()}
 
     def get_snapshot(self, model_id: UUID, max_version: int) -> Snapshot | None:
         """The newest snapshot of the model at or before ``max_version``."""
