@@ -5,8 +5,10 @@ A fixed pool of worker threads (``--workers``) leads any number of models
 (``server.election.LockSession``), one reader follows the log for all of them, and each
 model's learner takes turns on the workers. Run as many ``learn`` processes as you
 like: models are split between them by their locks, and a standby takes over the
-models of a leader that dies. Pair it with ``learnledger serve --no-learner`` replicas,
-which follow the updates it commits.
+models of a leader that dies. Running processes also rebalance (``server.balancer.Balancer``):
+one started later gets its fair share handed over by the others, each model after its
+current turn committed, and resumes it from the log as after a takeover. Pair it with
+``learnledger serve --no-learner`` replicas, which follow the updates it commits.
 
 Connections stay bounded whatever the portfolio: the lock session, the LISTEN
 connection, and the ledger's pool (at most ``POSTGRES_POOL_SIZE`` + overflow), all
@@ -28,7 +30,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import orjson
@@ -37,12 +39,23 @@ from domain.errors import LedgerError
 from domain.ledger import MODEL_REGISTERED_TOPIC, Ledger
 from domain.spec import LearnerSpec
 
+if TYPE_CHECKING:  # imported where used: ``learnledger --help`` need not load psycopg or jax
+    from server.balancer import Balancer
+    from server.election import LockSession
+    from server.worker_pool import WorkerPool
+
 log = logging.getLogger("learnledger.learn")
 
 APP_NAME = "learnledger-learn"
 DISCOVER_S = 1.0
 TICK_S = 0.2
 ACQUIRE_PER_TICK = 16
+# Balancing (``server.balancer.Balancer``): models handed over per tick when above the
+# fair share; how long a free model waits for a peer below its share before anyone
+# takes it; how long a handed-over model is left to the peers (several discover ticks).
+SHED_PER_TICK = 4
+ORPHAN_GRACE_S = 1.0
+COOLDOWN_S = 5.0
 LIVENESS_CHECK_S = 1.0
 JOIN_TIMEOUT_S = 30.0
 PAGE = 1000
@@ -56,6 +69,7 @@ def default_workers() -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     """Learn until SIGTERM/SIGINT; stopped workers finish their commit, then the locks are freed."""
+    from server.balancer import Balancer
     from server.bootstrap import Settings, build
     from server.default_sweeper import DefaultSweeper
     from server.election import LockSession
@@ -98,9 +112,15 @@ def cmd_learn(args: argparse.Namespace) -> int:
     reader = LogDispatcher(ledger, pool, stop, poll_interval_s=args.poll_interval)
     reader_thread = threading.Thread(target=reader.run, name="learn-reader", daemon=True)
     portfolio = _Portfolio(ledger, names, workers)
-    locks = LockSession(ledger)
+    locks = LockSession(ledger, group=names)
+    balancer = Balancer(
+        acquire_per_tick=ACQUIRE_PER_TICK,
+        shed_per_tick=SHED_PER_TICK,
+        orphan_grace_s=ORPHAN_GRACE_S,
+        cooldown_s=COOLDOWN_S,
+    )
+    leadership = _Leadership(locks, pool, balancer, out)
     sweeper = DefaultSweeper(ledger, pool.led)
-    standing_by: set[UUID] = set()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: finishing the current commits, then stopping", signal.Signals(signum).name)
@@ -122,25 +142,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
             if locks.lost or (pool.busy() and now - checked >= LIVENESS_CHECK_S):
                 checked = now
                 if not locks.alive():
-                    # The session broke: the server freed every lock, so another process
-                    # may lead these models already. Stop all, then compete again.
-                    for model_id in pool.revoke_all():
-                        log.warning("lost the lock of model %s; waiting to be elected again", model_id)
-                        out({"event": "lost", "model_id": str(model_id)})
-                    standing_by.clear()
-                    locks.acknowledge()
-            candidates = sorted(portfolio.warmed() - pool.busy())
-            if candidates:
-                # A few at a time, in random order: processes that start together then
-                # split the portfolio instead of the first to compile taking all of it
-                # (a standby still takes a dead leader's 100 models within ~1 s).
-                tried = set(random.sample(candidates, min(len(candidates), ACQUIRE_PER_TICK)))
-                for model_id in locks.try_acquire(tried):
-                    pool.add(model_id)
-                    standing_by.discard(model_id)
-                for model_id in tried - locks.held - standing_by:
-                    standing_by.add(model_id)
-                    out({"event": "standby", "model_id": str(model_id)})
+                    leadership.lost()
+            leadership.tick(portfolio, now)
             if args.sweep_interval > 0 and now - swept >= args.sweep_interval:
                 swept = now
                 try:
@@ -165,6 +168,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 "updates_committed": runner.updates_committed,
                 "failures": runner.failures,
                 "default_labels": sweeper.recorded,
+                "reader_pages": reader.pages,
+                "reader_rewinds": reader.rewinds,
             }
         )
     # Shut down cleanly: from here on a further SIGTERM/SIGINT is ignored. Keeping our
@@ -201,6 +206,77 @@ def _seal(service: Any, out: Callable[[dict[str, Any]], None]) -> None:
         log.warning("sealing failed: %s", exc)
 
 
+class _Leadership:
+    """The coordinator's side of leading: which locks to try, hand over, and give up.
+
+    Not thread-safe (the lock session is not): only the coordinating thread calls it.
+    """
+
+    def __init__(self, locks: LockSession, pool: WorkerPool, balancer: Balancer, out: Callable[[dict[str, Any]], None]):
+        self.locks = locks
+        self.pool = pool
+        self.balancer = balancer
+        self.out = out
+        self.order: dict[UUID, None] = {}  # the models led here, oldest acquisition first
+        self.handing: set[UUID] = set()  # handed over, lock kept until their turn ends
+        self.standing_by: set[UUID] = set()
+        self._group: tuple[int, int] | None = None
+
+    def tick(self, portfolio: _Portfolio, now: float) -> None:
+        """Balance, hand over and acquire, after this tick's census of the group."""
+        if not self.locks.joined and portfolio.ready():
+            self.locks.join()
+        models = portfolio.models()
+        self.balancer.observe(self.locks.census(models), models, now)
+        self._announce_group()
+        leading = [m for m in self.order if m not in self.handing]
+        for model_id in self.balancer.to_hand_over(leading):
+            self.handing.add(model_id)
+            self.pool.hand_over(model_id)
+        self._release_handed_over(now)
+        candidates = portfolio.warmed() - self.pool.busy()
+        if candidates:
+            self._acquire(self.balancer.to_try(candidates, len(self.order) - len(self.handing), now))
+
+    def lost(self) -> None:
+        """The session broke: the server freed every lock, so another process may lead
+        these models already. Stop all, then compete again."""
+        for model_id in self.pool.revoke_all():
+            log.warning("lost the lock of model %s; waiting to be elected again", model_id)
+            self.out({"event": "lost", "model_id": str(model_id)})
+        self.order.clear()
+        self.handing.clear()
+        self.standing_by.clear()
+        self.locks.acknowledge()
+
+    def _acquire(self, tried: set[UUID]) -> None:
+        for model_id in self.locks.try_acquire(tried):
+            self.pool.add(model_id)
+            self.order[model_id] = None
+            self.standing_by.discard(model_id)
+        for model_id in tried - self.locks.held - self.standing_by:
+            self.standing_by.add(model_id)
+            self.out({"event": "standby", "model_id": str(model_id)})
+
+    def _release_handed_over(self, now: float) -> None:
+        # Only once the model's last turn here ended (committed or not): its successor
+        # must never find its lock free while this process could still commit.
+        busy = self.pool.busy()
+        for model_id in sorted(self.handing - busy):
+            self.out({"event": "handed_over", "model_id": str(model_id)})
+            self.locks.release(model_id)
+            self.balancer.handed_over(model_id, now)
+            self.handing.discard(model_id)
+            self.order.pop(model_id, None)
+
+    def _announce_group(self) -> None:
+        census, share = self.balancer.census, self.balancer.share
+        group = (len(census.members), share) if census is not None and share is not None else None
+        if group is not None and group != self._group:
+            self.out({"event": "group", "members": group[0], "share": group[1]})
+        self._group = group
+
+
 class _Portfolio:
     """The models to learn, found incrementally in the log, each compiled before it competes.
 
@@ -214,6 +290,7 @@ class _Portfolio:
         self.ledger = ledger
         self.names = frozenset(names)
         self.position = 0
+        self.discovered = False  # read the whole log once
         self._models: dict[UUID, LearnerSpec | None] = {}
         self._compiled: dict[LearnerSpec, Future[None]] = {}
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="learn-compile")
@@ -235,6 +312,7 @@ class _Portfolio:
                 if page:
                     self.position = page[-1].id
                 if len(page) < PAGE:
+                    self.discovered = True
                     return
         except Exception as exc:  # the database may be away; the next discovery retries
             log.warning("model discovery failed: %s", exc)
@@ -243,6 +321,14 @@ class _Portfolio:
         """The models whose step is compiled (or failed to compile: that is the learner's to report)."""
         compiled = self._compiled
         return {m for m, spec in self._models.items() if spec is None or (spec in compiled and compiled[spec].done())}
+
+    def models(self) -> frozenset[UUID]:
+        """Every model found so far (compiled or not)."""
+        return frozenset(self._models)
+
+    def ready(self) -> bool:
+        """Whether every model found is compiled: able to take any over at once."""
+        return self.discovered and self.warmed() >= self._models.keys()
 
     def _found(self, notification: Any, new: dict[LearnerSpec, UUID]) -> None:
         try:
@@ -299,6 +385,11 @@ def _text(payload: dict[str, Any]) -> str:
         ),
         "standby": lambda: f"learnledger learn: standing by for model {payload['model_id']}",
         "lost": lambda: f"learnledger learn: lost the lock of model {payload['model_id']}",
+        "handed_over": lambda: f"learnledger learn: handed model {payload['model_id']} over to another learner",
+        "group": lambda: (
+            f"learnledger learn: {payload['members']} learn process(es) in the group; "
+            f"fair share {payload['share']} model(s) each"
+        ),
         "failed": lambda: (
             f"learnledger learn: model {payload['model_id']} failed ({payload['error']}); "
             f"retrying in {payload['retry_s']:.1f} s"

@@ -12,6 +12,12 @@ log (``load_learner``), and re-read the labels after the one of ``learned_throug
 Batches are a pure function of the log, so the history comes out the same whenever and
 wherever the learner dies.
 
+Re-reading comes from memory when it can: a slot keeps a ``Journal`` of the events it
+was handed since its last commit, so a reload replays them instead of making the
+process's one log reader rewind (which re-reads and re-decodes the log for every model
+it leads). Only a reload from before what the journal holds (the first load, a
+rollback, a journal bounded out) rewinds the reader.
+
 Any other exception (a learner that cannot be built, a step that raises) fails only
 this model: it is logged, reported, and retried after an exponential backoff, while the
 other models keep their turns.
@@ -30,6 +36,7 @@ from uuid import UUID
 from domain.errors import LedgerError
 from domain.model import Model
 from projections.learning import ModelLearner
+from server.journal import Journal
 from server.learning_steps import drain, examples, learnable, load_learner, resume_position, save_snapshots
 from server.services import LedgerService
 
@@ -40,6 +47,10 @@ log = logging.getLogger(__name__)
 # other models get their turn in between.
 MAX_STEPS_PER_COMMIT = 32
 READ_AHEAD = 2000  # labels buffered per model before the reader stops handing it more
+# Events a journal keeps at most: the inbox and the learner's buffer (each bounded by
+# READ_AHEAD), so only a model that takes no batch for long (paused, or getting late
+# labels only) bounds it out — its next reload then rewinds the reader, as before.
+JOURNAL_LIMIT = 2 * READ_AHEAD
 BACKOFF_S = 0.5  # first retry of a failed model; doubles per consecutive failure
 MAX_BACKOFF_S = 30.0
 # Test hooks (environment, read once by ``learn``): sleep this long between computing a
@@ -63,22 +74,30 @@ class InjectedFault(RuntimeError):
 class ModelSlot:
     """This process's lease on one model it leads.
 
-    ``lock`` guards what the reader and the workers share: ``inbox``, ``position`` and
-    ``buffered``. The invariant the reader keeps: the learner's buffer plus the inbox
-    hold exactly the log's events for this model in ``(resume position, position]``.
+    ``lock`` guards what the reader and the workers share: ``inbox``, ``journal``,
+    ``position`` and ``buffered``. The invariants the reader keeps: the journal holds
+    exactly the log's events for this model in ``(journal.base, position]``, and — while
+    the model learns — its learner's buffer plus the inbox hold those after its resume
+    position.
     """
 
     model_id: UUID
     lock: threading.Lock = field(default_factory=threading.Lock)
     inbox: list[tuple[int, Any]] = field(default_factory=list)
-    # None while loading or after a failure: the reader hands this model nothing, and
-    # does not rewind for it, until a load sets where its unlearned labels start.
+    # None until the first load sets where its unlearned labels start: the reader hands
+    # this model nothing, and does not rewind for it, before.
     position: int | None = None
     buffered: int = 0
+    journal: Journal = field(default_factory=lambda: Journal(JOURNAL_LIMIT))
     learner: ModelLearner | None = None
+    # Failed, waiting for its retry: the reader still hands it events (into the journal,
+    # for the reload to replay), but only the retry timer wakes it.
+    backing_off: bool = False
     # Labels were dropped while the model was not learning: reload before it learns again.
     stale: bool = False
     revoked: bool = False
+    # Being handed over to another process: its current turn commits, then it is dropped.
+    retiring: bool = False
     announced: bool = False
     failures: int = 0
     # Scheduling (owned by the pool, under its condition).
@@ -88,8 +107,14 @@ class ModelSlot:
     wake_at: float | None = None
 
     def full(self) -> bool:
-        """Whether it has enough queued to learn from without reading further ahead."""
-        return len(self.inbox) + self.buffered >= READ_AHEAD
+        """Whether it has enough queued to learn from without reading further ahead.
+
+        A model backing off learns nothing until its retry: it stops at READ_AHEAD
+        events in its journal (a learning model's journal is trimmed by its commits,
+        and a paused one's bounded by ``JOURNAL_LIMIT``).
+        """
+        queued = len(self.inbox) + self.buffered
+        return queued >= READ_AHEAD or (self.backing_off and len(self.journal) >= READ_AHEAD)
 
     def accept(self, after: int, events: list[tuple[int, Any]], last: int) -> bool:
         """Take a page the reader read after log position ``after``, if it continues this
@@ -103,6 +128,9 @@ class ModelSlot:
                 return False  # loading, or the page starts beyond what it has seen
             new = [item for item in events if item[0] > position]
             self.position = max(position, last)
+            self.journal.extend(new)
+            if self.backing_off:
+                return False  # its reload replays the journal; waking it would cut the backoff short
             self.inbox.extend(new)
             return bool(new)
 
@@ -146,7 +174,7 @@ class ModelRunner:
             if isinstance(event, Model.Event):
                 if event.originator_version > learner.version:
                     # An operator's rollback/pause/resume (or a previous leader's commit we
-                    # did not know of): reload, and re-read after the reloaded position.
+                    # did not know of): reload, and resume after the reloaded position.
                     self._load(slot)
                     return time.monotonic()
             elif learnable(event, slot.model_id):
@@ -154,7 +182,7 @@ class ModelRunner:
         now = time.monotonic()
         if not learner.model.learning:
             # Paused or in a rollout: keep nothing (the inbox would grow without bound);
-            # whatever makes it learn again is a model event, and a reload re-reads.
+            # whatever makes it learn again is a model event, and a reload resumes.
             slot.stale = slot.stale or bool(labels or learner.buffer)
             learner.buffer.clear()
         elif slot.stale:
@@ -166,7 +194,10 @@ class ModelRunner:
             if learner.model.name in self.fault_models:
                 raise InjectedFault(f"{FAULT_MODELS_VAR} fails model {learner.model.name!r}")
             self._step_and_commit(slot, learner, now)
-            learner = slot.learner or learner  # a refused commit reloaded it
+            if slot.learner is not learner:
+                # A refused commit reloaded it: its inbox now holds what its journal
+                # replays, and only a turn absorbs that (no new event may come to wake it).
+                return time.monotonic()
         with slot.lock:
             slot.buffered = len(learner.buffer)
         if learner.ready(time.monotonic()):
@@ -184,7 +215,8 @@ class ModelRunner:
             "learner of model %s failed (%d in a row); retrying in %.1f s", name, slot.failures, delay, exc_info=exc
         )
         with slot.lock:
-            slot.learner, slot.position, slot.inbox, slot.buffered = None, None, [], 0
+            # The journal and position stay: the reload resumes from them, not the log.
+            slot.learner, slot.inbox, slot.buffered, slot.backing_off = None, [], 0, True
         self.report(
             {
                 "event": "failed",
@@ -213,6 +245,8 @@ class ModelRunner:
         # Any other error (the database went away) fails the turn: the model is reloaded
         # after a backoff, and a commit that did happen shows up in ``learned_through``.
         slot.failures = 0
+        with slot.lock:
+            slot.journal.trim_through(learner.model.learned_through)
         if self.on_commit is not None:
             self.on_commit(events)
         with self._count:
@@ -220,20 +254,26 @@ class ModelRunner:
         save_snapshots(self.service.store, slot.model_id, snapshots)
 
     def _load(self, slot: ModelSlot) -> ModelLearner:
-        """Reload the head and its state from the log; the reader re-reads what is unlearned."""
+        """Reload the head and its state from the log; its unlearned events come from the
+        slot's journal if it holds them all, else the reader re-reads them."""
         with slot.lock:
-            slot.position, slot.inbox, slot.buffered = None, [], 0
+            # The reader keeps handing it events meanwhile (into the journal): whatever
+            # commits while this loads is then either in the head or after the position.
+            slot.inbox, slot.buffered = [], 0
         learner = load_learner(self.ledger, self.service.replayer, slot.model_id)
         position = resume_position(self.ledger, learner.model)
         with slot.lock:
-            slot.learner, slot.position, slot.stale = learner, position, False
-        self.rewound()
+            replayed = _resume(slot, position)
+            slot.learner, slot.stale, slot.backing_off = learner, False, False
+        if not replayed:
+            self.rewound()
         model = learner.model
         log.info(
-            "model %s: resumed at version %d after log position %d%s",
+            "model %s: resumed at version %d after log position %d (%s)%s",
             model.name,
             model.version,
             position,
+            "from its journal" if replayed else "re-reading the log",
             "" if model.learning else " (not learning)",
         )
         if not slot.announced:
@@ -248,3 +288,19 @@ class ModelRunner:
                 }
             )
         return learner
+
+
+def _resume(slot: ModelSlot, position: int) -> bool:
+    """Make the inbox the model's events after ``position`` (under ``slot.lock``); returns
+    whether the journal held them all, else the reader must rewind to ``position``."""
+    handed = slot.position
+    replay = slot.journal.resume_from(position) if handed is not None else None
+    if handed is None or replay is None:
+        slot.journal.reset(position)
+        slot.position, slot.inbox = position, []
+        return False
+    slot.inbox = replay
+    if position > handed:  # another leader learned beyond what was handed over here
+        slot.journal.reset(position)
+        slot.position = position
+    return True

@@ -7,9 +7,12 @@ models with:
 - one ``LogDispatcher`` thread, which reads the log's label and model events once, in
   pages, and hands each led model the events that concern it (``ModelSlot.accept``).
   Models resume at different positions, so it reads from the smallest position any
-  model still needs: a model that (re)loads makes it rewind, and the others skip what
-  they have seen. A model with ``READ_AHEAD`` labels queued is left out until it has
-  learned some, so one slow model neither balloons memory nor holds the others back.
+  model still needs: a model that loads for the first time (or resumes from before
+  what its slot kept, after a rollback) makes it rewind, and the others skip what they
+  have seen; a model that reloads after a failure or an operator's pause replays its
+  slot's journal instead (``server.model_worker``). A model with ``READ_AHEAD``
+  labels queued is left out until it has learned some, so one slow model neither
+  balloons memory nor holds the others back.
 - a ``WorkerPool`` of N threads taking turns on models: a model is queued when its
   inbox gets events, when a partial batch falls due, or when a retry after a failure
   is due. Turns are FIFO and bounded (``MAX_STEPS_PER_COMMIT``), so every model with a
@@ -91,6 +94,22 @@ class WorkerPool:
             slot = self.slots[model_id] = ModelSlot(model_id)
             self._enqueue(slot)
 
+    def hand_over(self, model_id: UUID) -> None:
+        """Stop leading a model gracefully (another process is to lead it).
+
+        A turn in progress still commits; the slot is dropped when it ends, and
+        ``busy`` stops listing the model then: only after that may its lock go.
+        """
+        with self._cv:
+            slot = self.slots.get(model_id)
+            if slot is None:
+                return
+            if slot.running:
+                slot.retiring = True
+            else:
+                slot.revoked = True  # a queued turn is skipped
+                del self.slots[model_id]
+
     def revoke_all(self) -> list[UUID]:
         """Stop leading every model (the lock session broke); returns their ids.
 
@@ -108,7 +127,9 @@ class WorkerPool:
     def led(self) -> frozenset[UUID]:
         """The models this process leads and has loaded (for the default-label sweeper)."""
         with self._cv:
-            return frozenset(m for m, s in self.slots.items() if not s.revoked and s.learner is not None)
+            return frozenset(
+                m for m, s in self.slots.items() if not (s.revoked or s.retiring) and s.learner is not None
+            )
 
     def busy(self) -> frozenset[UUID]:
         """Models with a slot, led or still winding down: not to be acquired again yet."""
@@ -193,7 +214,8 @@ class WorkerPool:
     def _finish(self, slot: ModelSlot, wake: float | None, *, backoff: bool = False) -> None:
         with self._cv:
             slot.running = False
-            if slot.revoked:
+            if slot.revoked or slot.retiring:
+                slot.revoked = True
                 self.slots.pop(slot.model_id, None)
                 return
             if backoff:
@@ -218,7 +240,12 @@ class LogDispatcher:
         self.stop = stop
         self.poll_interval_s = poll_interval_s
         self.kicked = pool.reader_kick
+        # What the reader costs, for tests and the ``stopped`` event: pages read, how
+        # often it went back for a model, and how many events it so read again.
         self.pages = 0
+        self.rewinds = 0
+        self.reread = 0
+        self._furthest = self._next = 0
 
     def run(self) -> None:
         """Read and dispatch until ``stop``."""
@@ -237,10 +264,19 @@ class LogDispatcher:
                     log.warning("reading the log failed: %s", exc)
                     self.stop.wait(READ_RETRY_S)
                     continue
-                self.pages += 1
+                self._count(after, page)
                 self.pool.dispatch(after, page)
                 if len(page) < follower.page_size:
                     self._wait(follower)
+
+    def _count(self, after: int, page: list[tuple[int, Any]]) -> None:
+        self.pages += 1
+        if after < self._furthest:
+            if after != self._next:  # went back (not: read on in the middle of a re-read)
+                self.rewinds += 1
+            self.reread += sum(1 for position, _ in page if position <= self._furthest)
+        self._next = page[-1][0] if page else after
+        self._furthest = max(self._furthest, self._next)
 
     def _wait(self, follower: LogFollower) -> None:
         # Until a commit (NOTIFY), a model's rewind, or the polling fallback.

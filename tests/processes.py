@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from domain.ledger import LabelRequest, Ledger
 from domain.model import Model
 from domain.prediction import make_prediction_event
 from domain.spec import LearnerSpec
+from tests.factories import prediction_events
 
 LISTENING = re.compile(r"listening on (\S+)")
 
@@ -203,3 +205,96 @@ def run_audit(env: dict[str, str]) -> dict[str, Any]:
     assert audit.returncode == 0, audit.stdout + audit.stderr
     payload: dict[str, Any] = json.loads(audit.stdout)
     return payload
+
+
+def consumed(rt: Any, model_id: uuid.UUID) -> list[uuid.UUID]:
+    """Every labeled prediction a model's recorded batches took (trained or held out)."""
+    out: list[uuid.UUID] = []
+    for e in rt.ledger.get_model_events(model_id):
+        if isinstance(e, (Model.UpdateApplied, Model.UpdateRejected)):
+            out += [*e.prediction_ids, *getattr(e, "holdout_ids", ())]
+    return out
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``check()`` until true; the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def events_of(proc: LearnProcess) -> list[dict[str, Any]]:
+    """Every stdout line a learn process printed so far, in order (drains its queue into a list)."""
+    seen: list[dict[str, Any]] = getattr(proc, "seen", [])
+    while not proc.lines.empty():
+        seen.append(proc.lines.get()[1])
+    proc.seen = seen  # type: ignore[attr-defined]
+    return seen
+
+
+def led_by(proc: LearnProcess) -> set[str]:
+    """The models a process leads now, by its own account (``leading`` until handed over or lost)."""
+    led: set[str] = set()
+    for e in events_of(proc):
+        if e.get("event") == "leading":
+            led.add(e["model_id"])
+        elif e.get("event") in ("handed_over", "lost"):
+            led.discard(e["model_id"])
+    return led
+
+
+class Traffic:
+    """Predictions and labels over every model, written through the ledger's fast paths.
+
+    Labels dated ``window_s + 60`` s after their prediction are late (out of window).
+    """
+
+    def __init__(self, rt: Any, models: list[Model], *, window_s: float):
+        self.rt = rt
+        self.models = models
+        self.window_s = window_s
+        self.in_window: dict[uuid.UUID, set[uuid.UUID]] = {m.id: set() for m in models}
+        self.late: set[uuid.UUID] = set()
+        self.rounds = 0
+
+    def round(self, per_model: int = 6, late: int = 1) -> None:
+        """``per_model`` labeled predictions for every model (``late`` of them out of window)."""
+        self.rounds += 1
+        k = self.rounds
+        now = datetime.now(UTC)
+
+        def features(i: int) -> tuple[float, ...]:
+            return (float(i % 3), float(k % 5), 1.0, -0.5)
+
+        made = []
+        for m in self.models:
+            made += prediction_events(m, per_model, when=now, features=features)
+        self.rt.ledger.record(made)
+        requests = []
+        for i, event in enumerate(made):
+            model = self.models[i // per_model]
+            j = i % per_model
+            is_late = j < late
+            when = now + timedelta(seconds=self.window_s + 60) if is_late else now
+            requests.append(LabelRequest(event.originator_id, _label(model.spec, j + k), "traffic", when, "t"))
+        outcomes = self.rt.ledger.prepare_labels(requests, received_at=datetime.now(UTC))
+        self.rt.ledger.record([o.event for o in outcomes if o.event is not None])
+        for o in outcomes:
+            assert o.event is not None
+            if o.event.in_window:
+                self.in_window[o.event.model_id].add(o.prediction_id)
+            else:
+                self.late.add(o.prediction_id)
+
+    def learned(self, models: list[Model] | None = None) -> bool:
+        """Whether every in-window label so far is in a recorded batch of its model."""
+        return all(set(consumed(self.rt, m.id)) >= self.in_window[m.id] for m in models or self.models)
+
+
+def _label(spec: LearnerSpec, i: int) -> float:
+    if spec.head == "regression":
+        return 0.25 * (i % 4)
+    return float(i % spec.n_classes) if spec.head == "multiclass" else float(i % 2)
