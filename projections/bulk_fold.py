@@ -731,7 +731,7 @@ class _PagedExamples:
         self._locate(ids)  # reads ahead as far as the log goes when something is not met
         g = self.index.lookup(ids)
         at = g % self.capacity
-        ok = (g >= max(0, self.rows - self.capacity)) & ~self.doubtful.contains(ids) & ~np.isnan(self.labels[at])
+        ok = self._in_ring(g) & ~self.doubtful.contains(ids) & ~np.isnan(self.labels[at])
         missing = [key for key, good in zip(keys, ok.tolist(), strict=True) if not good]
         for k in np.flatnonzero(ok).tolist():
             row = at[k]
@@ -758,7 +758,7 @@ class _PagedExamples:
             self._read_page()
         g = self.index.lookup(ids)
         while True:
-            if ((g >= 0) & (g < self.rows - self.capacity)).any():
+            if ((g >= 0) & ~self._in_ring(g)).any():
                 return None  # evicted: more reading cannot bring it back
             at = g % self.capacity
             unmet = np.flatnonzero((g < 0) | np.isnan(self.labels[at]))
@@ -769,6 +769,14 @@ class _PagedExamples:
             self._read_page()
             # Only the ids not met yet can have changed (a row once stored keeps its number).
             g[unmet] = self.index.lookup(ids[unmet])
+
+    def _oldest(self) -> int:
+        # Row g sits at g % capacity while it is among the newest `capacity` rows read.
+        return max(0, self.rows - self.capacity)
+
+    def _in_ring(self, g: np.ndarray) -> np.ndarray:
+        # Which row numbers (-1: never met) are still in the ring.
+        return g >= self._oldest()
 
     def _read_page(self) -> None:
         started = time.perf_counter()
@@ -795,7 +803,7 @@ class _PagedExamples:
         self.index.add(ids, first)
         self.rows += n
         # Forget ids whose rows were overwritten, so the index stays bounded too.
-        self.index.forget_before(self.rows - self.capacity)
+        self.index.forget_before(self._oldest())
 
     def _add_labels(self, page: ExamplePage) -> None:
         if not page.label_ids or not page.label_kinds:
@@ -813,7 +821,7 @@ class _PagedExamples:
             self.doubtful.add(ids)
             return
         g = self.index.lookup(ids)
-        known = np.flatnonzero((g >= 0) & (g >= self.rows - self.capacity))
+        known = np.flatnonzero(self._in_ring(g))
         if known.size == 0:
             return
         # The first label of a prediction counts: its first row here, and only if no
