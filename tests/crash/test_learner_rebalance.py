@@ -2,9 +2,10 @@
 
 A first process leads every model; a second one started later is handed about half of
 them (each after its current turn committed), learns them, and when it is SIGKILLed the
-first takes them all back. Throughout, every in-window label is learned exactly once, the
-versions of each model are one unbroken sequence, and ``audit verify`` replays every
-digest. The balancing policy itself is checked on hand-made censuses first.
+first takes them all back; a third one is handed half again and stopped with SIGTERM,
+and the first takes its models back too. Throughout, every in-window label is learned
+exactly once, the versions of each model are one unbroken sequence, and ``audit verify``
+replays every digest. The balancing policy itself is checked on hand-made censuses first.
 """
 
 from __future__ import annotations
@@ -120,6 +121,13 @@ def named(proc: LearnProcess, event: str) -> list[str]:
     return [e["model_id"] for e in events_of(proc) if e.get("event") == event]
 
 
+def balanced(every: set[str], p: LearnProcess, q: LearnProcess) -> bool:
+    """Whether the two processes together lead every model, none twice, each 40–60 % of them."""
+    mine, theirs = led_by(p), led_by(q)
+    low, high = 0.4 * len(every), 0.6 * len(every)
+    return mine | theirs == every and not mine & theirs and all(low <= len(s) <= high for s in (mine, theirs))
+
+
 @pytest.mark.slow
 def test_a_later_learner_gets_its_share_and_gives_it_back_when_killed(
     env: dict[str, str], rt: Any, tmp_path: Path
@@ -130,6 +138,7 @@ def test_a_later_learner_gets_its_share_and_gives_it_back_when_killed(
     log_path = tmp_path / "learn.log"
     a = LearnProcess(env, log_path, *LEARN_ARGS)
     b: LearnProcess | None = None
+    c: LearnProcess | None = None
     try:
         wait_until(lambda: led_by(a) == every, 120, "the first learner to lead every model")
         labels.round(per_model=5)
@@ -138,13 +147,7 @@ def test_a_later_learner_gets_its_share_and_gives_it_back_when_killed(
         # A second learner joins: about half the models are handed over to it.
         b = LearnProcess(env, log_path, *LEARN_ARGS)
         second = b
-
-        def balanced() -> bool:
-            mine, theirs = led_by(a), led_by(second)
-            low, high = 0.4 * N_MODELS, 0.6 * N_MODELS
-            return mine | theirs == every and not mine & theirs and all(low <= len(s) <= high for s in (mine, theirs))
-
-        balanced_s = wait_until(balanced, 120, "the models to be split about evenly")
+        balanced_s = wait_until(lambda: balanced(every, a, second), 120, "the models to be split about evenly")
         moved = led_by(b)
         assert moved <= set(named(a, "handed_over")), "a model was taken without being handed over"
         assert not named(a, "lost") and not named(b, "lost")
@@ -164,11 +167,22 @@ def test_a_later_learner_gets_its_share_and_gives_it_back_when_killed(
         takeover_s = wait_until(lambda: led_by(a) == every, 30, "the first learner to take every model back")
         labels.round(per_model=5)
         wait_until(labels.learned, 60, "every model to learn after the takeover")
+
+        # A third joins, then is stopped gracefully (SIGTERM): its last commits finish, its
+        # locks and its place in the group go, and the first takes its models back.
+        c = LearnProcess(env, log_path, *LEARN_ARGS)
+        third = c
+        wait_until(lambda: balanced(every, a, third), 120, "the models to be split with the third learner")
+        labels.round(per_model=5)
+        assert c.terminate() == 0
+        wait_until(lambda: led_by(a) == every, 30, "the first learner to take every model back from the third")
+        wait_until(labels.learned, 60, "every model to learn after the third stopped")
         stopped = a.terminate()
     finally:
         a.kill()
-        if b is not None:
-            b.kill()
+        for other in (b, c):
+            if other is not None:
+                other.kill()
     assert stopped == 0
 
     for m in models:
