@@ -6,12 +6,13 @@ module folds the same recorded decisions faster, and bit-identically:
 
 - **Reads**: the log is read forward once, in ranges of ``PAGE_ROWS`` positions, from the
   model's registration on. PostgreSQL cuts each range down to the model's facts
-  (``LedgerRecorder.select_example_page``: ids, the features' JSON text, label values,
-  one string each), so a range becomes arrays with a few C-level parses and no Python
-  per row; examples live in a ring of numpy arrays indexed by prediction id, and a run
-  of updates gathers its ``PAGE_EXAMPLES`` examples with one fancy index. The model's
-  own ``UpdateApplied`` rows are decoded straight from orjson (prediction ids stay
-  strings) unless its safety policy needs the typed events for the audit.
+  (``LedgerRecorder.select_example_page``: ids as raw bytes, the features' JSON text,
+  label values, one string each), so a range becomes arrays with a few C-level parses
+  and no Python per row; examples live in a ring of numpy arrays found by prediction id
+  (``projections.id_keys.IdIndex``), and a run of updates gathers its ``PAGE_EXAMPLES``
+  examples with one fancy index. The model's own ``UpdateApplied`` rows are decoded
+  straight from orjson (prediction ids stay strings, turned into id arrays a run at a
+  time) unless its safety policy needs the typed events for the audit.
 - **Compute**: every recorded batch is padded to ``spec.batch_size`` rows, so all batches
   of a model have one shape, and runs of consecutive ``UpdateApplied`` events are folded
   by ``jax.lax.scan`` over the *same* jitted ``update_step``, many steps per call; the scan
@@ -114,9 +115,9 @@ class FoldedDigest:
 class RecordedUpdate:
     """A ``Model.UpdateApplied`` read straight from its orjson bytes: what the fold needs of it.
 
-    Prediction ids stay strings, the form the example reader keys them by: validating
-    ~64 ids an update into ``UUID`` objects was most of the time it took to read a
-    model's history. ``stored`` is kept so that the typed event (and the typed
+    Prediction ids stay strings: validating ~64 ids an update into ``UUID`` objects was
+    most of the time it took to read a model's history; the example reader turns a run's
+    ids into one array at once (``id_keys.ids_from_text``). ``stored`` is kept so that the typed event (and the typed
     decoder's verdict on a malformed row) is one call away.
     """
 
@@ -924,7 +925,7 @@ def _padded(a: np.ndarray, rows: int) -> np.ndarray:
 
 def _batch_keys(update: Any) -> tuple[str, ...]:
     # What the step trained on, in order: the new examples, then any replayed ones; as
-    # id text, the form the example readers key by.
+    # id text, what both example readers take.
     if isinstance(update, RecordedUpdate):
         return update.prediction_ids + update.replayed_ids
     return tuple(str(pid) for pid in (*update.prediction_ids, *getattr(update, "replayed_ids", ())))
