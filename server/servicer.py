@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from server.errors import map_errors
 from server.learner_loop import LearnerLoop
 from server.services import LedgerService, VersionRow
 from server.serving import FeedbackTally, Predictions, PredictResult, ServingService
+from server.stream_inbox import StreamInbox
 
 _STATUS = {
     LabelStatus.ACCEPTED: pb.FeedbackResponse.ACCEPTED,
@@ -48,6 +48,11 @@ _OPTIONAL_SPEC_FIELDS = (
 )
 log = logging.getLogger(__name__)
 STREAM_CHUNK = 1024
+# Labels a feedback stream's reader holds before it stops receiving, and how long a
+# partial chunk may gather once labels arrive (they are acknowledged only in the
+# stream's summary, after their commit, so a few ms here delay nothing a client sees).
+STREAM_INBOX = 4 * STREAM_CHUNK
+STREAM_GATHER_S = 0.002
 WATCH_POLL_S = 1.0
 
 
@@ -515,46 +520,23 @@ def _chunks(
     messages: Iterator[list[pb.FeedbackRequest]],
     actor: str,
 ) -> Iterator[list[tuple[int, LabelRequest | None, str, BaseException | None]]]:
-    """Group incoming labels into chunks of what has arrived, read on a helper thread.
+    """Group incoming labels into chunks of what has arrived, received on a helper thread.
 
-    The bounded queue is the flow control: when the writer falls behind, the reader
+    The bounded inbox is the flow control: when the writer falls behind, the reader
     stops, gRPC's window fills, and the client's sends block.
     """
-    inbox: queue.Queue[Any] = queue.Queue(maxsize=64)
-    done = object()
-
-    def read() -> None:
-        try:
-            for message in messages:
-                inbox.put(message)
-        except Exception as exc:  # the client went away: end the stream
-            inbox.put(exc)
-        inbox.put(done)
-
-    threading.Thread(target=read, name="feedback-stream-reader", daemon=True).start()
+    inbox: StreamInbox[pb.FeedbackRequest] = StreamInbox(
+        batch=STREAM_CHUNK, limit=STREAM_INBOX, gather_s=STREAM_GATHER_S
+    )
+    inbox.start(messages, "feedback-stream-reader")
     index = 0
-    finished = False
-    while not finished:
+    for batch in inbox.batches():
         chunk: list[tuple[int, LabelRequest | None, str, BaseException | None]] = []
-        item = inbox.get()
-        while True:
-            if item is done:
-                finished = True
-                break
-            if isinstance(item, Exception):
-                raise item
-            now = datetime.now(UTC)
-            for message in item:
-                try:
-                    chunk.append((index, label_request(message, actor, now), message.prediction_id, None))
-                except (LedgerError, ValueError) as exc:
-                    chunk.append((index, None, message.prediction_id, exc))
-                index += 1
-            if len(chunk) >= STREAM_CHUNK:
-                break
+        now = datetime.now(UTC)
+        for message in batch:
             try:
-                item = inbox.get_nowait()
-            except queue.Empty:
-                break
-        if chunk:
-            yield chunk
+                chunk.append((index, label_request(message, actor, now), message.prediction_id, None))
+            except (LedgerError, ValueError) as exc:
+                chunk.append((index, None, message.prediction_id, exc))
+            index += 1
+        yield chunk
