@@ -51,7 +51,7 @@ STREAM_CHUNK = 1024
 # Labels a feedback stream's reader holds before it stops receiving, and how long a
 # partial chunk may gather once labels arrive (they are acknowledged only in the
 # stream's summary, after their commit, so a few ms here delay nothing a client sees).
-STREAM_INBOX = 4 * STREAM_CHUNK
+STREAM_INBOX = 16 * STREAM_CHUNK
 STREAM_GATHER_S = 0.002
 WATCH_POLL_S = 1.0
 
