@@ -5,7 +5,7 @@ A fixed pool of worker threads (``--workers``) leads any number of models
 (``server.election.LockSession``), one reader follows the log for all of them, and each
 model's learner takes turns on the workers. Run as many ``learn`` processes as you
 like: models are split between them by their locks, and a standby takes over the
-models of a leader that dies. Running processes also rebalance (``server.balancer.Balancer``):
+models of a leader that dies. Running processes also rebalance (``server.balancer``, ``server.leadership``):
 one started later gets its fair share handed over by the others, each model after its
 current turn committed, and resumes it from the log as after a takeover. Pair it with
 ``learnledger serve --no-learner`` replicas, which follow the updates it commits.
@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 import orjson
@@ -38,11 +38,6 @@ import orjson
 from domain.errors import LedgerError
 from domain.ledger import MODEL_REGISTERED_TOPIC, Ledger
 from domain.spec import LearnerSpec
-
-if TYPE_CHECKING:  # imported where used: ``learnledger --help`` need not load psycopg or jax
-    from server.balancer import Balancer
-    from server.election import LockSession
-    from server.worker_pool import WorkerPool
 
 log = logging.getLogger("learnledger.learn")
 
@@ -73,6 +68,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from server.bootstrap import Settings, build
     from server.default_sweeper import DefaultSweeper
     from server.election import LockSession
+    from server.leadership import Leadership
     from server.model_worker import COMMIT_DELAY_VAR, FAULT_MODELS_VAR, ModelRunner
     from server.worker_pool import LogDispatcher, WorkerPool
 
@@ -119,7 +115,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         orphan_grace_s=ORPHAN_GRACE_S,
         cooldown_s=COOLDOWN_S,
     )
-    leadership = _Leadership(locks, pool, balancer, out)
+    leadership = Leadership(locks, pool, balancer, out)
     sweeper = DefaultSweeper(ledger, pool.led)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -204,77 +200,6 @@ def _seal(service: Any, out: Callable[[dict[str, Any]], None]) -> None:
         pass  # another process sealed the same range first: nothing to do
     except Exception as exc:  # the database may be away; the next period retries
         log.warning("sealing failed: %s", exc)
-
-
-class _Leadership:
-    """The coordinator's side of leading: which locks to try, hand over, and give up.
-
-    Not thread-safe (the lock session is not): only the coordinating thread calls it.
-    """
-
-    def __init__(self, locks: LockSession, pool: WorkerPool, balancer: Balancer, out: Callable[[dict[str, Any]], None]):
-        self.locks = locks
-        self.pool = pool
-        self.balancer = balancer
-        self.out = out
-        self.order: dict[UUID, None] = {}  # the models led here, oldest acquisition first
-        self.handing: set[UUID] = set()  # handed over, lock kept until their turn ends
-        self.standing_by: set[UUID] = set()
-        self._group: tuple[int, int] | None = None
-
-    def tick(self, portfolio: _Portfolio, now: float) -> None:
-        """Balance, hand over and acquire, after this tick's census of the group."""
-        if not self.locks.joined and portfolio.ready():
-            self.locks.join()
-        models = portfolio.models()
-        self.balancer.observe(self.locks.census(models), models, now)
-        self._announce_group()
-        leading = [m for m in self.order if m not in self.handing]
-        for model_id in self.balancer.to_hand_over(leading):
-            self.handing.add(model_id)
-            self.pool.hand_over(model_id)
-        self._release_handed_over(now)
-        candidates = portfolio.warmed() - self.pool.busy()
-        if candidates:
-            self._acquire(self.balancer.to_try(candidates, len(self.order) - len(self.handing), now))
-
-    def lost(self) -> None:
-        """The session broke: the server freed every lock, so another process may lead
-        these models already. Stop all, then compete again."""
-        for model_id in self.pool.revoke_all():
-            log.warning("lost the lock of model %s; waiting to be elected again", model_id)
-            self.out({"event": "lost", "model_id": str(model_id)})
-        self.order.clear()
-        self.handing.clear()
-        self.standing_by.clear()
-        self.locks.acknowledge()
-
-    def _acquire(self, tried: set[UUID]) -> None:
-        for model_id in self.locks.try_acquire(tried):
-            self.pool.add(model_id)
-            self.order[model_id] = None
-            self.standing_by.discard(model_id)
-        for model_id in tried - self.locks.held - self.standing_by:
-            self.standing_by.add(model_id)
-            self.out({"event": "standby", "model_id": str(model_id)})
-
-    def _release_handed_over(self, now: float) -> None:
-        # Only once the model's last turn here ended (committed or not): its successor
-        # must never find its lock free while this process could still commit.
-        busy = self.pool.busy()
-        for model_id in sorted(self.handing - busy):
-            self.out({"event": "handed_over", "model_id": str(model_id)})
-            self.locks.release(model_id)
-            self.balancer.handed_over(model_id, now)
-            self.handing.discard(model_id)
-            self.order.pop(model_id, None)
-
-    def _announce_group(self) -> None:
-        census, share = self.balancer.census, self.balancer.share
-        group = (len(census.members), share) if census is not None and share is not None else None
-        if group is not None and group != self._group:
-            self.out({"event": "group", "members": group[0], "share": group[1]})
-        self._group = group
 
 
 class _Portfolio:
