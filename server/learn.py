@@ -5,10 +5,11 @@ A fixed pool of worker threads (``--workers``) leads any number of models
 (``server.election.LockSession``), one reader follows the log for all of them, and each
 model's learner takes turns on the workers. Run as many ``learn`` processes as you
 like: models are split between them by their locks, and a standby takes over the
-models of a leader that dies. Running processes also rebalance (``server.balancer``, ``server.leadership``):
-one started later gets its fair share handed over by the others, each model after its
-current turn committed, and resumes it from the log as after a takeover. Pair it with
-``learnledger serve --no-learner`` replicas, which follow the updates it commits.
+models of a leader that dies. Running processes also rebalance (``server.balancer``,
+``server.leadership``): one started later gets its fair share handed over by the others,
+each model after its current turn committed, and resumes it from the log as after a
+takeover. Pair it with ``learnledger serve --no-learner`` replicas, which follow the
+updates it commits.
 
 Connections stay bounded whatever the portfolio: the lock session, the LISTEN
 connection, and the ledger's pool (at most ``POSTGRES_POOL_SIZE`` + overflow), all
