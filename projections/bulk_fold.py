@@ -117,8 +117,8 @@ class RecordedUpdate:
 
     Prediction ids stay strings: validating ~64 ids an update into ``UUID`` objects was
     most of the time it took to read a model's history; the example reader turns a run's
-    ids into one array at once (``id_keys.ids_from_text``). ``stored`` is kept so that the typed event (and the typed
-    decoder's verdict on a malformed row) is one call away.
+    ids into one array at once (``id_keys.ids_from_text``). ``stored`` is kept so that
+    the typed event (and the typed decoder's verdict on a malformed row) is one call away.
     """
 
     originator_version: int
@@ -282,10 +282,10 @@ def _model_history(ledger: Ledger, model_id: UUID) -> tuple[Model, Callable[[], 
     events once the example reader has started reading the log. A stateful safety
     policy gets the typed events and the full head: its audit reads both.
     """
-    recorder: Any = ledger.recorder
-    mapper: Any = ledger.mapper
-    if not isinstance(recorder, LedgerRecorder) or mapper.compressor or mapper.cipher:
+    recorder = _plain_recorder(ledger)
+    if recorder is None:
         return ledger.get_model_by_id(model_id), lambda: ledger.get_model_events(model_id)
+    mapper: Any = ledger.mapper
     stored = recorder.select_aggregate_events(model_id)
     if not stored:
         return ledger.get_model_by_id(model_id), list  # raises the ledger's not-found error
@@ -303,6 +303,16 @@ def _model_history(ledger: Ledger, model_id: UUID) -> tuple[Model, Callable[[], 
         return out
 
     return head, events
+
+
+def _plain_recorder(ledger: Ledger) -> LedgerRecorder | None:
+    """The ledger's PostgreSQL recorder when its rows are plain orjson (no compressor, no
+    cipher), the only form the raw readers here may decode; None otherwise."""
+    recorder: Any = ledger.recorder
+    mapper: Any = ledger.mapper
+    if not isinstance(recorder, LedgerRecorder) or mapper.compressor or mapper.cipher:
+        return None
+    return recorder
 
 
 def _recorded_update(row: StoredEvent) -> RecordedUpdate | None:
@@ -666,11 +676,8 @@ def _range_reads(ledger: Ledger, model_id: UUID) -> _RangeReads | None:
     Cutting facts out of the orjson text is only right when the bytes are plain orjson
     and no stored prediction event needs upcasting.
     """
-    recorder: Any = ledger.recorder
-    mapper: Any = ledger.mapper
-    if not isinstance(recorder, LedgerRecorder) or mapper.compressor or mapper.cipher:
-        return None
-    if not _prediction_events_are_v1():
+    recorder = _plain_recorder(ledger)
+    if recorder is None or not _prediction_events_are_v1():
         return None
     return _RangeReads(recorder, model_id)
 

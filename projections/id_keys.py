@@ -56,16 +56,6 @@ def ids_from_text(keys: Sequence[str]) -> np.ndarray | None:
     return np.ascontiguousarray(raw).view(np.uint64)
 
 
-def id_texts(ids: np.ndarray) -> list[str]:
-    """The canonical text of each id of an ``[n, 2]`` array (lower-case ``8-4-4-4-12``)."""
-    hexes = ids.tobytes().hex()
-    out = []
-    for start in range(0, len(hexes), 2 * ID_BYTES):
-        h = hexes[start : start + 2 * ID_BYTES]
-        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
-    return out
-
-
 @dataclass(frozen=True)
 class _Block:
     # Rows first .. first + len(high) - 1, searchable by the ids' second half.
@@ -99,9 +89,6 @@ class IdIndex:
 
     def __init__(self) -> None:
         self.blocks: list[_Block] = []
-
-    def __len__(self) -> int:
-        return sum(len(b.high) for b in self.blocks)
 
     def add(self, ids: np.ndarray, first: int) -> None:
         """Index ``ids`` (``[n, 2]`` ``uint64``) as rows ``first`` .. ``first + n - 1``."""
