@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +18,10 @@ configure_jax_determinism()
 from domain.ledger import Ledger  # noqa: E402
 from server.database import Database, open_database  # noqa: E402
 from server.services import LedgerService  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DDL_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -49,9 +56,24 @@ class Runtime:
 def build(settings: Settings, database: Database | None = None) -> Runtime:
     """Open the database and wire the ledger and its services."""
     db = database or open_database(schema=settings.schema)
-    ledger = Ledger(env=db.env)
+    ledger = _ledger(db)
     service = LedgerService(ledger, snapshot_interval=settings.snapshot_interval)
     return Runtime(db, ledger, service)
+
+
+def _ledger(db: Database) -> Ledger:
+    # Opening the ledger runs its (idempotent) DDL. Processes started together (serve
+    # replicas and learn processes) run it at once, and concurrent CREATE OR REPLACE
+    # FUNCTION can deadlock in PostgreSQL: the one it picks as the victim retries.
+    for attempt in range(DDL_ATTEMPTS):
+        try:
+            return Ledger(env=db.env)
+        except Exception as exc:
+            if "deadlock detected" not in str(exc) or attempt == DDL_ATTEMPTS - 1:
+                raise
+            log.warning("schema set-up deadlocked with another process; retrying")
+            time.sleep(random.uniform(0.05, 0.5))
+    raise AssertionError("unreachable")
 
 
 @contextmanager

@@ -55,7 +55,6 @@ COOLDOWN_S = 5.0
 LIVENESS_CHECK_S = 1.0
 JOIN_TIMEOUT_S = 30.0
 PAGE = 1000
-DDL_ATTEMPTS = 5
 
 
 def default_workers() -> int:
@@ -79,7 +78,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     os.environ.setdefault("PGAPPNAME", APP_NAME)
     names = [n.strip() for n in (args.models or "").split(",") if n.strip()]
     workers = args.workers or default_workers()
-    runtime = _build(build, Settings.from_env())
+    runtime = build(Settings.from_env())
     # --- metrics endpoint (server.metrics; --metrics-port, 0: off) ---
     from server.metrics import serve_learn_metrics
 
@@ -176,20 +175,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
     return 0
-
-
-def _build(build: Callable[[Any], Any], settings: Any) -> Any:
-    # Learn processes started together each run the (idempotent) DDL, and concurrent
-    # CREATE OR REPLACE FUNCTION can deadlock in PostgreSQL: one of them just retries.
-    for attempt in range(DDL_ATTEMPTS):
-        try:
-            return build(settings)
-        except Exception as exc:
-            if "deadlock detected" not in str(exc) or attempt == DDL_ATTEMPTS - 1:
-                raise
-            log.warning("schema set-up deadlocked with another process; retrying")
-            time.sleep(random.uniform(0.05, 0.5))
-    raise AssertionError("unreachable")
 
 
 def _seal(service: Any, out: Callable[[dict[str, Any]], None]) -> None:
