@@ -47,7 +47,7 @@ from domain.ledger import Ledger
 from domain.model import STATE_KEEPING_EVENTS, Model
 from domain.prediction import Prediction
 from domain.spec import LearnerSpec
-from projections.digest import state_digest, state_from_bytes, state_to_bytes
+from projections.digest import stacked_digests, state_digest, state_from_bytes, state_to_bytes
 from projections.id_keys import IdIndex, IdSet, ids_from_bytes, ids_from_text
 from projections.learners import Batch, Learner, LearnerState, Metrics, make_batch, make_learner
 from projections.rebaseline import refit
@@ -481,15 +481,16 @@ class _BulkFolder:
             x, y, mask = (_padded(np.asarray(a)[pos : pos + size], bucket) for a in batches)
             chunk = Batch(x, y, mask)  # type: ignore[arg-type]
             _, (outs, _) = fold(state, chunk)
-            steps, ints, floats = (np.asarray(a) for a in outs)
+            steps, ints, floats = (np.asarray(a)[:size] for a in outs)
             stats.fold_s += time.perf_counter() - started
             stats.scanned_steps += size
+            started = time.perf_counter()
+            digests = stacked_digests([steps, ints, floats])  # LearnerState's leaves, in order
+            stats.digest_s += time.perf_counter() - started
             previous = state
             for k in range(size):
-                started = time.perf_counter()
                 state = LearnerState(np.asarray(steps[k]), ints[k], floats[k])  # type: ignore[arg-type]
-                digest = state_digest(state)
-                stats.digest_s += time.perf_counter() - started
+                digest = digests[k]
                 if digest != updates[pos + k].digest:
                     # Recompute with the per-step function from the previous state (its
                     # digest matched, so its bytes are exact) before reporting anything.
@@ -804,10 +805,16 @@ class _PagedExamples:
             self.doubtful.add(ids)
             return
         n, first = len(ids), self.rows
-        at = np.arange(first, first + n) % self.capacity
-        self.features[at] = x
-        self.labels[at] = np.nan
-        self.in_window[at] = False
+        # Rows first .. first + n - 1 go to the ring in at most two slices (at its end
+        # and, wrapping, at its start): slice copies, not a fancy index per row.
+        for src in range(0, n, self.capacity):
+            part = x[src : src + self.capacity]
+            start = (first + src) % self.capacity
+            head = min(len(part), self.capacity - start)
+            for ring, rows in ((slice(start, start + head), part[:head]), (slice(0, len(part) - head), part[head:])):
+                self.features[ring] = rows
+                self.labels[ring] = np.nan
+                self.in_window[ring] = False
         self.index.add(ids, first)
         self.rows += n
         # Forget ids whose rows were overwritten, so the index stays bounded too.
@@ -845,20 +852,24 @@ class _PagedExamples:
 
 def _parse_features(text: bytes, rows: int, n_features: int) -> np.ndarray | None:
     """``rows`` feature vectors from ``1.0,2.0;3.0,4.0`` text, float64; None unless each has ``n_features``."""
-    if text.translate(None, NUMBER_BYTES + b";"):
-        return None  # anything but numbers and separators (null, a nested value, …)
-    letters = np.frombuffer(text, np.uint8)
-    # The separators must run (n_features - 1 commas, one semicolon) per row, minus the last.
-    separators = letters[(letters == COMMA) | (letters == SEMICOLON)]
-    row_pattern = np.full(n_features, COMMA, np.uint8)
-    row_pattern[-1] = SEMICOLON
-    if not np.array_equal(separators, np.tile(row_pattern, rows)[:-1]):
+    # With the number characters deleted, what is left must be exactly the separators of
+    # `rows` rows of `n_features` values: n_features - 1 commas and a semicolon per row,
+    # minus the last. One C-level pass checks both the characters (null, a string, a
+    # nested value leave something else behind) and every row's length.
+    if text.translate(None, DIGIT_BYTES) != _separators(rows, n_features):
         return None
     try:
         values = orjson.loads(b"[" + text.replace(b";", b",") + b"]")
     except orjson.JSONDecodeError:
         return None
-    return np.asarray(values, np.float64).reshape(rows, n_features)
+    if len(values) != rows * n_features:
+        return None  # an empty value between separators
+    return np.fromiter(values, np.float64, len(values)).reshape(rows, n_features)
+
+
+def _separators(rows: int, n_features: int) -> bytes:
+    # The separators of `rows` rows of `n_features` values (the feature text minus its numbers).
+    return ((b"," * (n_features - 1) + b";") * rows)[:-1]
 
 
 def _parse_values(text: bytes, rows: int) -> np.ndarray | None:
@@ -874,9 +885,9 @@ def _parse_values(text: bytes, rows: int) -> np.ndarray | None:
     return np.asarray(values, np.float64)
 
 
-# What a JSON number (and a list of them) is made of; COMMA/SEMICOLON separate values and rows.
-NUMBER_BYTES = b"0123456789+-.eE,"
-COMMA, SEMICOLON = ord(","), ord(";")
+# What a JSON number is made of, and a list of them.
+DIGIT_BYTES = b"0123456789+-.eE"
+NUMBER_BYTES = DIGIT_BYTES + b","
 
 
 def _prediction_events_are_v1() -> bool:

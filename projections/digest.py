@@ -50,6 +50,47 @@ def state_digest(state: LearnerState) -> str:
     return _digest_arrays([_canonical(leaf) for leaf in state_leaves(state)])
 
 
+def stacked_digests(leaves: list[np.ndarray]) -> list[str]:
+    """``state_digest`` of each of ``n`` states given leaf by leaf stacked on a leading axis.
+
+    ``leaves[j][k]`` is leaf ``j`` of state ``k`` (what a ``lax.scan`` returns for the
+    state after every step). The framing (leaf count, each leaf's dtype and shape) is the
+    same for every state, so it is built once, and each state's whole byte stream is one
+    row of a ``uint8`` matrix: one ``sha256`` call per state instead of a dozen small
+    updates and a ``tobytes`` copy per leaf.
+
+    Args:
+        leaves: the stacked leaves, in ``jax.tree_util.tree_leaves`` order, all of the
+            same length ``n``.
+
+    Returns:
+        ``n`` digests, equal to ``state_digest`` of each state.
+    """
+    arrays = [_canonical(leaf) for leaf in leaves]
+    n = len(arrays[0]) if arrays else 0
+    if any(len(arr) != n for arr in arrays):
+        raise ValueError("stacked leaves differ in length")
+    if n == 0:
+        return []
+    parts: list[bytes | np.ndarray] = [struct.pack("<Q", len(arrays))]
+    for arr in arrays:
+        meta = f"{arr.dtype.str}|{','.join(str(d) for d in arr.shape[1:])}".encode()
+        nbytes = arr.itemsize * math.prod(arr.shape[1:])
+        parts.append(struct.pack("<IQ", len(meta), nbytes) + meta)
+        parts.append(np.ascontiguousarray(arr).reshape(n, -1).view(np.uint8).reshape(n, nbytes))
+    width = sum(p.shape[1] if isinstance(p, np.ndarray) else len(p) for p in parts)
+    rows = np.empty((n, width), np.uint8)
+    at = 0
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            rows[:, at : at + part.shape[1]] = part
+            at += part.shape[1]
+        else:
+            rows[:, at : at + len(part)] = np.frombuffer(part, np.uint8)
+            at += len(part)
+    return ["sha256:" + hashlib.sha256(row.data).hexdigest() for row in rows]
+
+
 def state_to_bytes(state: LearnerState) -> bytes:
     """Serialise a state to a compact, deterministic binary blob.
 

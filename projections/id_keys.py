@@ -101,16 +101,15 @@ class IdIndex:
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """The row of each id (``int64``), -1 for one never added or forgotten."""
         rows = np.full(len(ids), -1, np.int64)
-        todo = np.arange(len(ids))
+        # Needles in order: numpy's search then starts each from the last one's place,
+        # ~4x faster than random order even with the sort counted. Sorted once: the ids
+        # not found in a block stay in order for the next.
+        todo = np.argsort(ids[:, 1])
         for block in reversed(self.blocks):
             if todo.size == 0:
                 break
             low = ids[todo, 1]
-            # Needles in order: numpy's search then starts each from the last one's
-            # place, ~4x faster than random order even with the sort counted.
-            needles = np.argsort(low)
-            at = np.empty(len(low), np.int64)
-            at[needles] = np.searchsorted(block.low_sorted, low[needles])
+            at = np.searchsorted(block.low_sorted, low)
             np.minimum(at, len(block.order) - 1, out=at)
             which = block.order[at]
             same_low = block.low_sorted[at] == low

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from domain.spec import LearnerSpec
-from projections.digest import state_digest, state_from_bytes, state_leaves, state_to_bytes
+from projections.digest import stacked_digests, state_digest, state_from_bytes, state_leaves, state_to_bytes
 from projections.learners import Learner, LearnerState, decide, make_batch, make_learner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -339,3 +339,32 @@ def test_packing_is_exact_and_reversible(name: str) -> None:
     again = learner.pack(learner.unpack(state))
     assert state_digest(again) == state_digest(state)
     assert len(jax.tree_util.tree_leaves(state)) == 3
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.integers(min_value=1, max_value=5), seed=st.integers(min_value=0, max_value=2**31 - 1))
+def test_stacked_digests_equal_state_digest_of_each_state(name: str, steps: int, seed: int) -> None:
+    # Given the states after each of a few update steps, stacked leaf by leaf as a scan returns them
+    spec = SPECS[name]
+    learner = make_learner(spec)
+    state = learner.init()
+    states = []
+    for x, y in _stream(spec, steps, seed):
+        state, _ = learner.update_step(state, make_batch(spec, x, y))
+        states.append(state)
+    stacked = [np.stack(column) for column in zip(*(state_leaves(s) for s in states), strict=True)]
+    # When their digests are taken together
+    digests = stacked_digests(stacked)
+    # Then each is the digest of that state alone
+    assert digests == [state_digest(s) for s in states]
+
+
+def test_stacked_digests_frame_empty_and_scalar_leaves_like_state_digest() -> None:
+    # Given states with a 0-d leaf and an empty leaf
+    states = [LearnerState(np.int32(k), np.zeros(0, np.int32), np.arange(3, dtype=np.float32) * k) for k in range(4)]  # type: ignore[arg-type]
+    stacked = [np.stack(column) for column in zip(*(state_leaves(s) for s in states), strict=True)]
+    # Then the stacked digests are state_digest's, and a different state differs
+    assert stacked_digests(stacked) == [state_digest(s) for s in states]
+    assert len(set(stacked_digests(stacked))) == 4
+    assert stacked_digests([np.zeros((0, 2), np.float32)]) == []
