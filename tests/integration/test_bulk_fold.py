@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime
 from typing import Any
+from uuid import uuid4
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -396,3 +397,59 @@ def test_a_prediction_row_written_by_a_newer_class_verifies_like_replayer_does(r
 
     assert fast == Replayer(runtime.ledger, write_snapshots=False).verify_stepwise(model.id)
     assert stats.gathered_runs >= 1
+
+
+def test_a_range_read_keeps_the_models_facts_and_every_other_prediction_event(runtime: Any) -> None:
+    # Given two models' predictions and labels interleaved in the log, an unknown kind of
+    # prediction event of the other model, and a non-prediction row that names the model
+    spec = SPECS[3]
+    mine, other = next(_names), next(_names)
+    for name in (mine, other):
+        runtime.service.register_model(name, spec, "test")
+    _simulate(runtime, mine, spec, 2 * spec.batch_size, 5)
+    _simulate(runtime, other, spec, 2 * spec.batch_size, 6)
+    model, other_model = runtime.ledger.get_model(mine), runtime.ledger.get_model(other)
+    recorder = runtime.ledger.recorder
+    key = b'"model_id":"' + str(model.id).encode() + b'"'
+    stranger = uuid4()
+    recorder.insert_rows(
+        [
+            (
+                stranger,
+                1,
+                "domain.prediction:Prediction.Retracted",
+                b'{"model_id":"' + str(other_model.id).encode() + b'"}',
+            ),
+            (uuid4(), 1, "domain.audit:Note.Written", b"{" + key + b"}"),
+        ]
+    )
+    rows = recorder.select_rows(1, recorder.max_notification_id())
+
+    # When PostgreSQL cuts the whole log down to the first model's facts
+    page = recorder.select_example_page(1, recorder.max_notification_id(), key)
+
+    # Then it holds exactly that model's Made rows and, beside its labels, every other
+    # kind of prediction event (of any model, as "O"), and nothing else
+    prefix = "domain.prediction:Prediction."
+    facts = {prefix + kind for kind in ("Made", "Labeled", "DefaultLabeled")}
+    made = [oid for _, oid, _, topic, state in rows if topic == prefix + "Made" and key in state]
+    others = [
+        (oid, _kind(topic, state, facts))
+        for _, oid, _, topic, state in rows
+        if topic != prefix + "Made"
+        and ((topic in facts and key in state) or (topic not in facts and topic.startswith(prefix)))
+    ]
+    assert page.made_ids == b"".join(oid.bytes for oid in made)
+    assert page.label_ids == b"".join(oid.bytes for oid, _ in others)
+    assert page.label_kinds == "".join(kind for _, kind in others)
+    assert ("O" in page.label_kinds) and stranger.bytes in (page.label_ids or b"")
+    assert len(made) == 2 * spec.batch_size and not page.unusual
+
+
+def _kind(topic: str, state: bytes, facts: set[str]) -> str:
+    # The letter select_example_page gives a non-Made prediction row.
+    if topic not in facts:
+        return "O"
+    if topic.endswith(".DefaultLabeled"):
+        return "D"
+    return "L" if b'"in_window":true' in state else "l"
