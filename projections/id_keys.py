@@ -46,7 +46,31 @@ def ids_from_text(keys: Sequence[str]) -> np.ndarray | None:
         text = "".join(keys).encode("ascii")
     except UnicodeEncodeError:
         return None
-    letters = np.frombuffer(text, np.uint8).reshape(n, TEXT_LENGTH)
+    return _ids_from_letters(np.frombuffer(text, np.uint8).reshape(n, TEXT_LENGTH))
+
+
+def ids_from_json_items(text: bytes) -> np.ndarray | None:
+    """The items of a JSON list of ids as orjson writes them (``"<id>","<id>"``, no spaces) as ``[n, 2]`` ``uint64``.
+
+    Each item must be a canonical ``8-4-4-4-12`` hex id in quotes (either case, as for
+    ``ids_from_text``); anything else (an escape, a space, another value) gives None.
+    """
+    if not text:
+        return np.zeros((0, 2), np.uint64)
+    width = TEXT_LENGTH + 3  # the quotes and the comma after each item
+    if (len(text) + 1) % width:
+        return None
+    items = np.frombuffer(text + b",", np.uint8).reshape(-1, width)
+    if not ((items[:, 0] == _QUOTE) & (items[:, -2] == _QUOTE) & (items[:, -1] == _COMMA)).all():
+        return None
+    return _ids_from_letters(items[:, 1 : 1 + TEXT_LENGTH])
+
+
+_QUOTE, _COMMA = ord('"'), ord(",")
+
+
+def _ids_from_letters(letters: np.ndarray) -> np.ndarray | None:
+    # [n, 36] canonical id text as bytes -> [n, 2] uint64 of the 16 bytes; None unless canonical.
     if not (letters[:, _DASHES] == ord("-")).all():
         return None
     nibbles = _NIBBLE[letters[:, _HEX_COLUMNS]]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from uuid import UUID
 
 import numpy as np
+import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from projections.id_keys import IdIndex, IdSet, ids_from_bytes, ids_from_text
+from projections.id_keys import IdIndex, IdSet, ids_from_bytes, ids_from_json_items, ids_from_text
 
 uuids = st.uuids()
 
@@ -21,6 +22,30 @@ def test_text_and_raw_bytes_give_the_same_array(ids: list[UUID]) -> None:
     assert from_text is not None
     assert from_text.tobytes() == from_bytes.tobytes()
     assert [UUID(bytes=row.tobytes()) for row in from_bytes] == ids
+
+
+@given(st.lists(uuids, max_size=50))
+def test_a_json_lists_items_give_the_same_array(ids: list[UUID]) -> None:
+    # The items of ["<id>","<id>"] as orjson writes them, brackets cut off.
+    items = orjson.dumps(ids)[1:-1]
+
+    parsed = ids_from_json_items(items)
+
+    assert parsed is not None
+    assert parsed.tobytes() == b"".join(u.bytes for u in ids)
+
+
+def test_json_items_that_are_not_quoted_canonical_ids_are_declined() -> None:
+    good = b'"0195f2a4-7b3c-7def-8123-456789abcdef"'
+    for bad in (
+        good + b", " + good,  # a space
+        good + b"," + good[:-1] + b"'",  # another quote
+        good + b"," + good + b",",  # a trailing comma
+        good.replace(b"-", b"_"),  # no dashes
+        good[:5] + b"\\" + good[7:],  # an escape
+        b"1," + good[:-2] + b'"',  # a number, and the count still whole
+    ):
+        assert ids_from_json_items(bad) is None, bad
 
 
 def test_upper_case_hex_is_the_same_id() -> None:
