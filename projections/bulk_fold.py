@@ -11,8 +11,9 @@ module folds the same recorded decisions faster, and bit-identically:
   and no Python per row; examples live in a ring of numpy arrays found by prediction id
   (``projections.id_keys.IdIndex``), and a run of updates gathers its ``PAGE_EXAMPLES``
   examples with one fancy index. The model's own ``UpdateApplied`` rows are decoded
-  straight from orjson (prediction ids stay strings, turned into id arrays a run at a
-  time) unless its safety policy needs the typed events for the audit.
+  straight from orjson, their id lists cut out as bytes and decoded for the whole
+  history at once (``_recorded_updates``), unless its safety policy needs the typed
+  events for the audit.
 - **Compute**: every recorded batch is padded to ``spec.batch_size`` rows, so all batches
   of a model have one shape, and runs of consecutive ``UpdateApplied`` events are folded
   by ``jax.lax.scan`` over the *same* jitted ``update_step``, many steps per call; the scan
@@ -48,7 +49,7 @@ from domain.model import STATE_KEEPING_EVENTS, Model
 from domain.prediction import Prediction
 from domain.spec import LearnerSpec
 from projections.digest import stacked_digests, state_digest, state_from_bytes, state_to_bytes
-from projections.id_keys import IdIndex, IdSet, ids_from_bytes, ids_from_json_items, ids_from_text
+from projections.id_keys import JSON_ITEM_LENGTH, IdIndex, IdSet, ids_from_bytes, ids_from_json_items, ids_from_text
 from projections.learners import Batch, Learner, LearnerState, Metrics, make_batch, make_learner
 from projections.rebaseline import refit
 from projections.replay import (
@@ -336,7 +337,7 @@ def _recorded_updates(rows: Sequence[StoredEvent]) -> list[RecordedUpdate | None
             continue
         digest, trained, replayed = cut
         if every is not None:
-            n = (len(trained) + 1) // ID_ITEM + (len(replayed) + 1) // ID_ITEM
+            n = (len(trained) + 1) // JSON_ITEM_LENGTH + (len(replayed) + 1) // JSON_ITEM_LENGTH
             ids: np.ndarray | None = every[at : at + n]
             at += n
         else:
@@ -345,8 +346,6 @@ def _recorded_updates(rows: Sequence[StoredEvent]) -> list[RecordedUpdate | None
     return out
 
 
-# Bytes per id in a JSON list as orjson writes it: the id, its quotes, the comma.
-ID_ITEM = 39
 _ID_LISTS = (b'"prediction_ids":', b'"replayed_ids":')
 
 
@@ -361,13 +360,11 @@ def _cut_update(state: bytes) -> tuple[str, bytes, bytes] | None:
     the cut), so the cut was of the top-level list. A row without ``replayed_ids`` has
     none, as the typed event defaults.
     """
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[int, int] | None] = []
     for key in _ID_LISTS:
         at = state.find(key)
         if at < 0:
-            if key == _ID_LISTS[0]:
-                return None
-            spans.append((0, 0))
+            spans.append(None)
             continue
         if state.find(key, at + 1) >= 0 or state[at + len(key) : at + len(key) + 1] != b"[":
             return None
@@ -376,11 +373,14 @@ def _cut_update(state: bytes) -> tuple[str, bytes, bytes] | None:
         if end < 0:
             return None
         spans.append((start, end))
-    (p_start, p_end), (r_start, r_end) = spans
-    if r_end and not (p_end < r_start or r_end < p_start):
+    trained_span, replayed_span = spans
+    if trained_span is None:
         return None
+    cuts = sorted(span for span in spans if span is not None)
+    if len(cuts) == 2 and cuts[0][1] >= cuts[1][0]:
+        return None  # one list inside the other
     pieces, last = [], 0
-    for start, end in sorted(span for span in spans if span[1]):
+    for start, end in cuts:
         pieces.append(state[last:start])
         last = end
     pieces.append(state[last:])
@@ -394,9 +394,10 @@ def _cut_update(state: bytes) -> tuple[str, bytes, bytes] | None:
     digest = data.get("digest")
     if data.get("prediction_ids") != [] or data.get("replayed_ids", []) != [] or not isinstance(digest, str):
         return None
-    trained, replayed = state[p_start:p_end], state[r_start:r_end]
+    trained = state[slice(*trained_span)]
+    replayed = state[slice(*replayed_span)] if replayed_span is not None else b""
     # Whole items only, so that in the joined text of many rows each row's items stay its own.
-    if any(text and (len(text) + 1) % ID_ITEM for text in (trained, replayed)):
+    if any(text and (len(text) + 1) % JSON_ITEM_LENGTH for text in (trained, replayed)):
         return None
     return digest, trained, replayed
 

@@ -72,22 +72,12 @@ def stacked_digests(leaves: list[np.ndarray]) -> list[str]:
         raise ValueError("stacked leaves differ in length")
     if n == 0:
         return []
-    parts: list[bytes | np.ndarray] = [struct.pack("<Q", len(arrays))]
+    columns = [_repeated(struct.pack("<Q", len(arrays)), n)]
     for arr in arrays:
-        meta = f"{arr.dtype.str}|{','.join(str(d) for d in arr.shape[1:])}".encode()
         nbytes = arr.itemsize * math.prod(arr.shape[1:])
-        parts.append(struct.pack("<IQ", len(meta), nbytes) + meta)
-        parts.append(np.ascontiguousarray(arr).reshape(n, -1).view(np.uint8).reshape(n, nbytes))
-    width = sum(p.shape[1] if isinstance(p, np.ndarray) else len(p) for p in parts)
-    rows = np.empty((n, width), np.uint8)
-    at = 0
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            rows[:, at : at + part.shape[1]] = part
-            at += part.shape[1]
-        else:
-            rows[:, at : at + len(part)] = np.frombuffer(part, np.uint8)
-            at += len(part)
+        columns.append(_repeated(_leaf_frame(arr.dtype, arr.shape[1:], nbytes), n))
+        columns.append(np.ascontiguousarray(arr).reshape(n, -1).view(np.uint8).reshape(n, nbytes))
+    rows = np.concatenate(columns, axis=1)
     return ["sha256:" + hashlib.sha256(row.data).hexdigest() for row in rows]
 
 
@@ -182,11 +172,20 @@ def _digest_arrays(arrays: list[np.ndarray]) -> str:
     h = hashlib.sha256()
     h.update(struct.pack("<Q", len(arrays)))
     for arr in arrays:
-        meta = f"{arr.dtype.str}|{','.join(str(d) for d in arr.shape)}".encode()
-        h.update(struct.pack("<IQ", len(meta), arr.nbytes))
-        h.update(meta)
+        h.update(_leaf_frame(arr.dtype, arr.shape, arr.nbytes))
         h.update(arr.tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def _leaf_frame(dtype: np.dtype, shape: tuple[int, ...], nbytes: int) -> bytes:
+    # What precedes a leaf's bytes in a digest: the lengths, then its dtype and shape.
+    meta = f"{dtype.str}|{','.join(str(d) for d in shape)}".encode()
+    return struct.pack("<IQ", len(meta), nbytes) + meta
+
+
+def _repeated(data: bytes, n: int) -> np.ndarray:
+    # The same bytes as n rows of a uint8 matrix (a broadcast view, nothing copied).
+    return np.broadcast_to(np.frombuffer(data, np.uint8), (n, len(data)))
 
 
 def _read_header(data: bytes) -> tuple[dict[str, Any], int]:

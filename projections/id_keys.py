@@ -15,6 +15,8 @@ import numpy as np
 
 ID_BYTES = 16
 TEXT_LENGTH = 36  # canonical 8-4-4-4-12 text
+JSON_ITEM_LENGTH = TEXT_LENGTH + 3  # an id in a JSON list as orjson writes it: quotes, then a comma
+_QUOTE, _COMMA = ord('"'), ord(",")
 _DASHES = [8, 13, 18, 23]
 _HEX_COLUMNS = [i for i in range(TEXT_LENGTH) if i not in _DASHES]
 _NIBBLE = np.full(256, 255, np.uint8)
@@ -57,16 +59,12 @@ def ids_from_json_items(text: bytes) -> np.ndarray | None:
     """
     if not text:
         return np.zeros((0, 2), np.uint64)
-    width = TEXT_LENGTH + 3  # the quotes and the comma after each item
-    if (len(text) + 1) % width:
+    if (len(text) + 1) % JSON_ITEM_LENGTH:
         return None
-    items = np.frombuffer(text + b",", np.uint8).reshape(-1, width)
+    items = np.frombuffer(text + b",", np.uint8).reshape(-1, JSON_ITEM_LENGTH)
     if not ((items[:, 0] == _QUOTE) & (items[:, -2] == _QUOTE) & (items[:, -1] == _COMMA)).all():
         return None
     return _ids_from_letters(items[:, 1 : 1 + TEXT_LENGTH])
-
-
-_QUOTE, _COMMA = ord('"'), ord(",")
 
 
 def _ids_from_letters(letters: np.ndarray) -> np.ndarray | None:
