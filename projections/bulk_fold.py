@@ -40,6 +40,7 @@ from uuid import UUID
 import jax
 import numpy as np
 import orjson
+import simdjson
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
 
@@ -930,13 +931,10 @@ def _parse_features(text: bytes, rows: int, n_features: int) -> np.ndarray | Non
     # nested value leave something else behind) and every row's length.
     if text.translate(None, DIGIT_BYTES) != _separators(rows, n_features):
         return None
-    try:
-        values = orjson.loads(b"[" + text.replace(b";", b",") + b"]")
-    except orjson.JSONDecodeError:
-        return None
-    if len(values) != rows * n_features:
-        return None  # an empty value between separators
-    return np.fromiter(values, np.float64, len(values)).reshape(rows, n_features)
+    values = _json_numbers(b"[" + text.replace(b";", b",") + b"]")
+    if values is None or len(values) != rows * n_features:
+        return None  # not JSON numbers, or an empty value between separators
+    return values.reshape(rows, n_features)
 
 
 def _separators(rows: int, n_features: int) -> bytes:
@@ -948,13 +946,31 @@ def _parse_values(text: bytes, rows: int) -> np.ndarray | None:
     """``rows`` numbers from ``1.0,0.0`` text, float64; None if the text is anything else."""
     if text.translate(None, NUMBER_BYTES):
         return None
+    values = _json_numbers(b"[" + text + b"]")
+    if values is None or len(values) != rows:
+        return None
+    return values
+
+
+def _json_numbers(array: bytes) -> np.ndarray | None:
+    """A JSON array of numbers as float64, each exactly as ``float(text)`` reads it; None if it is not one.
+
+    simdjson converts the numbers straight into a buffer of doubles (correctly rounded,
+    as orjson and ``float`` are), without a Python float per value: ~3x faster than
+    ``orjson.loads`` then ``np.fromiter``, and feature text is most of a replay's
+    decoding. The callers have already checked that the text holds only number
+    characters and separators, so nested arrays (which ``as_buffer`` would flatten)
+    cannot occur.
+    """
     try:
-        values = orjson.loads(b"[" + text + b"]")
-    except orjson.JSONDecodeError:
+        doc = simdjson.Parser().parse(array)
+        if not isinstance(doc, simdjson.Array):
+            return None
+        return np.frombuffer(doc.as_buffer(of_type="d"), np.float64)
+    except (ValueError, TypeError, RuntimeError):
+        # Not JSON, an element that is not a number, or an integer past 64 bits (simdjson
+        # raises RuntimeError for that one).
         return None
-    if len(values) != rows:
-        return None
-    return np.asarray(values, np.float64)
 
 
 # What a JSON number is made of, and a list of them.

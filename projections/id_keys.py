@@ -16,13 +16,10 @@ import numpy as np
 ID_BYTES = 16
 TEXT_LENGTH = 36  # canonical 8-4-4-4-12 text
 JSON_ITEM_LENGTH = TEXT_LENGTH + 3  # an id in a JSON list as orjson writes it: quotes, then a comma
-_QUOTE, _COMMA = ord('"'), ord(",")
 _DASHES = [8, 13, 18, 23]
-_HEX_COLUMNS = [i for i in range(TEXT_LENGTH) if i not in _DASHES]
-_NIBBLE = np.full(256, 255, np.uint8)
-for _value, _letters in enumerate(zip("0123456789abcdef", "0123456789ABCDEF", strict=True)):
-    for _letter in _letters:
-        _NIBBLE[ord(_letter)] = _value
+# An item's quote, dashes, closing quote and comma, and their columns.
+_ITEM_MARK_COLUMNS = [0, *(1 + d for d in _DASHES), TEXT_LENGTH + 1, TEXT_LENGTH + 2]
+_ITEM_MARKS = np.frombuffer(b'"----",', np.uint8)
 
 
 def ids_from_bytes(raw: bytes) -> np.ndarray:
@@ -48,7 +45,10 @@ def ids_from_text(keys: Sequence[str]) -> np.ndarray | None:
         text = "".join(keys).encode("ascii")
     except UnicodeEncodeError:
         return None
-    return _ids_from_letters(np.frombuffer(text, np.uint8).reshape(n, TEXT_LENGTH))
+    letters = np.frombuffer(text, np.uint8).reshape(n, TEXT_LENGTH)
+    if not (letters[:, _DASHES] == ord("-")).all():
+        return None
+    return _ids_from_hex(text, n, b"-")
 
 
 def ids_from_json_items(text: bytes) -> np.ndarray | None:
@@ -62,20 +62,26 @@ def ids_from_json_items(text: bytes) -> np.ndarray | None:
     if (len(text) + 1) % JSON_ITEM_LENGTH:
         return None
     items = np.frombuffer(text + b",", np.uint8).reshape(-1, JSON_ITEM_LENGTH)
-    if not ((items[:, 0] == _QUOTE) & (items[:, -2] == _QUOTE) & (items[:, -1] == _COMMA)).all():
+    if not (items[:, _ITEM_MARK_COLUMNS] == _ITEM_MARKS).all():
         return None
-    return _ids_from_letters(items[:, 1 : 1 + TEXT_LENGTH])
+    return _ids_from_hex(text, len(items), b'"-,')
 
 
-def _ids_from_letters(letters: np.ndarray) -> np.ndarray | None:
-    # [n, 36] canonical id text as bytes -> [n, 2] uint64 of the 16 bytes; None unless canonical.
-    if not (letters[:, _DASHES] == ord("-")).all():
+def _ids_from_hex(text: bytes, n: int, marks: bytes) -> np.ndarray | None:
+    # `n` ids whose marks (dashes, quotes, commas) were found at their columns: what is
+    # left once every mark character is deleted must be 32 hex digits per id. A mark
+    # character in a digit's column, or a space (which fromhex would skip), leaves fewer
+    # digits or bytes than that, so the two length checks make the decode exact.
+    digits = text.translate(None, marks)
+    if len(digits) != 2 * ID_BYTES * n:
         return None
-    nibbles = _NIBBLE[letters[:, _HEX_COLUMNS]]
-    if (nibbles == 255).any():
+    try:
+        raw = bytes.fromhex(digits.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
         return None
-    raw = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
-    return np.ascontiguousarray(raw).view(np.uint64)
+    if len(raw) != ID_BYTES * n:
+        return None
+    return np.frombuffer(raw, np.uint64).reshape(n, 2)
 
 
 @dataclass(frozen=True)

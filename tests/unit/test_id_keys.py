@@ -44,6 +44,10 @@ def test_json_items_that_are_not_quoted_canonical_ids_are_declined() -> None:
         good.replace(b"-", b"_"),  # no dashes
         good[:5] + b"\\" + good[7:],  # an escape
         b"1," + good[:-2] + b'"',  # a number, and the count still whole
+        good[:3] + b" " + good[4:],  # a space for a digit (fromhex would skip it)
+        good[:3] + b"-" + good[4:],  # a mark character for a digit (the deletion takes it)
+        good[:3] + b"," + good[4:],
+        good[:3] + b"\xc3" + good[4:],  # not ASCII
     ):
         assert ids_from_json_items(bad) is None, bad
 
@@ -70,6 +74,9 @@ def test_anything_but_the_canonical_spelling_is_declined() -> None:
     # Lengths that add up to whole ids but split them differently.
     assert ids_from_text([good[:-1], good + "0"]) is None
     assert ids_from_text(["é" * 36]) is None
+    # A space or a dash where a digit belongs: the digit count or the byte count falls short.
+    assert ids_from_text([good[:3] + " " + good[4:]]) is None
+    assert ids_from_text([good[:3] + "-" + good[4:]]) is None
 
 
 def test_bytes_that_are_not_whole_ids_are_refused() -> None:
