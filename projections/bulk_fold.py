@@ -97,6 +97,8 @@ class BulkFoldStats:
     # the example-by-example path (something unusual, or no PostgreSQL).
     gathered_runs: int = 0
     example_runs: int = 0
+    # Gathered runs whose ids were the next labels in log order (no index lookup).
+    label_order_runs: int = 0
     read_s: float = 0.0
     decode_s: float = 0.0
     fold_s: float = 0.0
@@ -789,6 +791,11 @@ class _PagedExamples:
         self.rows = 0
         self.index = IdIndex()
         self.doubtful = IdSet()
+        # The in-window labels in the order they were logged, with their examples' row
+        # numbers: the learner trains on labels as they arrive, so an update's ids are
+        # usually the next ones here, and one comparison replaces an index lookup.
+        self.label_order: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self.label_cursor = 0  # into the first chunk of label_order
 
     def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Features [k, n_features] and labels [k] (float64) of these predictions (``[k, 2]`` id array), or None.
@@ -797,7 +804,11 @@ class _PagedExamples:
         model in the ring (missing, unlabeled, late, evicted, doubtful): the caller
         takes the example-by-example path, which reports exactly what is wrong.
         """
-        at = self._locate(ids)
+        at = self._in_label_order(ids)
+        if at is None:
+            at = self._locate(ids)
+            if at is not None:
+                self._resume_label_order_after(at)
         if at is None or self.doubtful.contains(ids).any():
             return None
         if not self.in_window[at].all():
@@ -851,6 +862,46 @@ class _PagedExamples:
             self._read_page()
             # Only the ids not met yet can have changed (a row once stored keeps its number).
             g[unmet] = self.index.lookup(ids[unmet])
+
+    def _in_label_order(self, ids: np.ndarray) -> np.ndarray | None:
+        """Ring positions of ``ids`` when they are the next labels in log order (each met); None if not."""
+        while self._labels_ahead() < len(ids) and not self.reads.done:
+            self._read_page()
+        expected, g = self._next_labels(len(ids))
+        if not np.array_equal(expected, ids) or not self._in_ring(g).all():
+            return None
+        self._advance_label_order(len(ids))
+        self.stats.label_order_runs += 1
+        return g % self.capacity
+
+    def _resume_label_order_after(self, at: np.ndarray) -> None:
+        # After a run not in label order (a skipped label, a shuffled batch, a replay
+        # buffer's picks), go on after the furthest of the next labels the run used:
+        # looked for within twice its length, so that a run whose labels are nowhere
+        # near costs little.
+        _, g = self._next_labels(2 * len(at))
+        used = np.flatnonzero(np.isin(g % self.capacity, at))
+        if used.size:
+            self._advance_label_order(int(used[-1]) + 1)
+
+    def _next_labels(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        # The (at most) n labels after the cursor: their ids and their examples' row numbers.
+        ids, rows, at = [np.zeros((0, 2), np.uint64)], [np.zeros(0, np.int64)], self.label_cursor
+        for chunk_ids, chunk_rows in self.label_order:
+            if n <= 0:
+                break
+            ids.append(chunk_ids[at : at + n])
+            rows.append(chunk_rows[at : at + n])
+            n, at = n - len(ids[-1]), 0
+        return np.concatenate(ids), np.concatenate(rows)
+
+    def _labels_ahead(self) -> int:
+        return sum(len(chunk_ids) for chunk_ids, _ in self.label_order) - self.label_cursor
+
+    def _advance_label_order(self, n: int) -> None:
+        self.label_cursor += n
+        while self.label_order and self.label_cursor >= len(self.label_order[0][0]):
+            self.label_cursor -= len(self.label_order.popleft()[0])
 
     def _oldest(self) -> int:
         # Row g sits at g % capacity while it is among the newest `capacity` rows read.
@@ -920,7 +971,14 @@ class _PagedExamples:
         fresh = np.isnan(self.labels[at])
         rows, at = rows[fresh], at[fresh]
         self.labels[at] = values[rows]
-        self.in_window[at] = letters[rows] != ord("l")
+        in_window = letters[rows] != ord("l")
+        self.in_window[at] = in_window
+        rows = rows[in_window]
+        self.label_order.append((ids[rows], g[rows]))
+        # Forget labels whose examples left the ring, so the order stays bounded too.
+        oldest = self._oldest()
+        while self.label_order and (len(self.label_order[0][1]) == 0 or self.label_order[0][1].max() < oldest):
+            self.label_cursor = max(0, self.label_cursor - len(self.label_order.popleft()[0]))
 
 
 def _parse_features(text: bytes, rows: int, n_features: int) -> np.ndarray | None:

@@ -331,6 +331,41 @@ def test_a_plain_history_gathers_every_run_from_the_ring(runtime: Any) -> None:
 
     assert fast.verified
     assert stats.gathered_runs > 0 and stats.example_runs == 0
+    # The service trains on labels as they arrive: most runs are the next labels in log
+    # order (not all: a rollback sends the fold back to versions whose labels were passed).
+    assert stats.label_order_runs > 0
+
+
+def test_runs_out_of_label_order_are_found_by_id_and_the_order_resumes(runtime: Any, monkeypatch: Any) -> None:
+    # Given 16 predictions labeled in order p0..p15, and updates that train on p0-p3 (in
+    # label order), p5 p4 p7 p6 (shuffled), p9-p11 (p8 skipped), then p12-p15 and p8
+    monkeypatch.setattr(bulk_fold, "PAGE_EXAMPLES", 1)  # one update a run
+    spec = LearnerSpec(kind="logistic", n_features=3, batch_size=4, learning_rate=0.1, max_batch_wait_s=WAIT)
+    name = next(_names)
+    runtime.service.register_model(name, spec, "test")
+    model = runtime.ledger.get_model(name)
+    now = datetime.now(UTC)
+    x = np.random.default_rng(4).normal(size=(16, 3))
+    made = prediction_events(model, 16, when=now, features=lambda i: x[i].tolist())
+    y = (x[:, 0] > 0).astype(float)
+    runtime.ledger.record([*made, *(_label_event(e.originator_id, model.id, float(y[i])) for i, e in enumerate(made))])
+    learner = make_learner(spec)
+    state = learner.init()
+    for step, batch in enumerate(([0, 1, 2, 3], [5, 4, 7, 6], [9, 10, 11], [12, 13, 14, 15], [8]), start=1):
+        state, _ = learner.update_step(state, make_batch(spec, x[batch], y[batch]))
+        model.apply_update(tuple(made[i].originator_id for i in batch), step, 0.7, 0.6, state_digest(state), "t")
+    runtime.ledger.save(model)
+    stats = BulkFoldStats()
+
+    # When the bulk fold verifies it
+    fast = verify_fast(runtime.ledger, model.id, stats=stats)
+
+    # Then it reports what the Replayer does, every run gathered from the ring: the first
+    # and fourth as the next labels in order (after a shuffled run and a skipped label,
+    # the order picks up again), the others found through the id index
+    assert fast == Replayer(runtime.ledger, write_snapshots=False).verify_stepwise(model.id)
+    assert fast.verified and stats.gathered_runs == 5 and stats.example_runs == 0
+    assert stats.label_order_runs == 2
 
 
 def test_default_labels_count_and_late_labels_are_refused_like_replayer_does(runtime: Any) -> None:
