@@ -456,6 +456,11 @@ def test_a_range_read_keeps_the_models_facts_and_every_other_prediction_event(ru
                 b'{"model_id":"' + str(other_model.id).encode() + b'"}',
             ),
             (uuid4(), 1, "domain.audit:Note.Written", b"{" + key + b"}"),
+            # Labels whose in_window key is far from the row's end (a long actor name).
+            *(
+                (uuid4(), 2, "domain.prediction:Prediction.Labeled", _far_label(key, in_window))
+                for in_window in (b"true", b"false")
+            ),
         ]
     )
     rows = recorder.select_rows(1, recorder.max_notification_id())
@@ -478,7 +483,15 @@ def test_a_range_read_keeps_the_models_facts_and_every_other_prediction_event(ru
     assert page.label_ids == b"".join(oid.bytes for oid, _ in others)
     assert page.label_kinds == "".join(kind for _, kind in others)
     assert ("O" in page.label_kinds) and stranger.bytes in (page.label_ids or b"")
+    assert page.label_kinds.endswith("Ll")  # the far labels
     assert len(made) == 2 * spec.batch_size and not page.unusual
+
+
+def _far_label(key: bytes, in_window: bytes) -> bytes:
+    return (
+        b'{"timestamp":"2026-11-28T08:00:00.000001+00:00",' + key + b',"label":1.0,"source":"t",'
+        b'"event_time":"2026-11-28T08:00:00.000001+00:00","in_window":' + in_window + b',"actor":"' + b"a" * 200 + b'"}'
+    )
 
 
 def _kind(topic: str, state: bytes, facts: set[str]) -> str:
