@@ -21,6 +21,16 @@ from psycopg.sql import SQL, Identifier, Literal
 from domain.ledger import MODEL_REGISTERED_TOPIC
 from domain.prediction import DEFAULT_LABELED_TOPIC, LABELED_TOPIC, MADE_TOPIC, PREDICTION_TOPIC
 
+# Settings for a read of a range of log positions, in log order (SET LOCAL: this
+# transaction only). The planner underestimates such a range (it has no statistics
+# for the notification id, or the filter's selectivity) and picks a bitmap scan plus a
+# sort, which spills to disk: a 200k-row range of the seals took 0.75-1.3 s instead of
+# 0.08-0.2 s by the index, which yields the rows in log order already. And once the
+# table is large its cost estimate passes jit_above_cost, and compiling the expressions
+# costs more than running them (a page of a 2M-row log: ~72 ms with JIT, ~25 ms
+# without; PostgreSQL's CPU per verify of 1M examples 4.0-4.4 s -> 3.0 s).
+_IN_LOG_ORDER = "SELECT set_config('enable_bitmapscan', 'off', true), set_config('jit', 'off', true)"
+
 
 @dataclass(frozen=True)
 class ExamplePage:
@@ -183,7 +193,12 @@ class LedgerRecorder(PostgresApplicationRecorder):
         # Binary mode and plain tuples: the text protocol hex-decodes every bytea and the
         # default factory builds a dict per row, twice the cost of the read itself
         # (measured in bench/replay.py: ~90k rows/s against ~190k).
-        with self.datastore.get_connection() as conn, conn.cursor(binary=True, row_factory=tuple_row) as curs:
+        with (
+            self.datastore.get_connection() as conn,
+            conn.transaction(),
+            conn.cursor(binary=True, row_factory=tuple_row) as curs,
+        ):
+            curs.execute(_IN_LOG_ORDER)
             curs.execute(statement, (first, last))
             return [(int(n), oid, int(v), topic, bytes(state)) for n, oid, v, topic, state in curs.fetchall()]
 
@@ -201,14 +216,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
             conn.transaction(),
             conn.cursor(binary=True, row_factory=tuple_row) as curs,
         ):
-            # The filter's selectivity is unknown to the planner, which then picks a
-            # bitmap scan plus an on-disk sort (~100 ms a page instead of ~25 ms): the
-            # notification-id index already yields the rows in log order. And once the
-            # table is large, the planner's cost estimate passes jit_above_cost: compiling
-            # the cut-out's expressions then costs more than running them (a page of a 2M-row
-            # log: ~72 ms with JIT, ~25 ms without; PostgreSQL's CPU per verify of 1M
-            # examples 4.0-4.4 s -> 3.0 s).
-            curs.execute("SELECT set_config('enable_bitmapscan', 'off', true), set_config('jit', 'off', true)")
+            curs.execute(_IN_LOG_ORDER)
             curs.execute(self.select_example_page_statement, (first, last, model_key))
             row = curs.fetchone()
         assert row is not None
