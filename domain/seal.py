@@ -15,11 +15,18 @@ SEALS_ID = uuid5(NAMESPACE_URL, "learnledger:log-seals")
 GENESIS = "sha256:" + "0" * 64
 
 
-def leaf_hash(position: int, originator_id: UUID, originator_version: int, topic: str, state: bytes) -> bytes:
-    """The hash of one stored event row, framing every field so no two rows collide."""
+def leaf_hash(position: int, originator_id: UUID | bytes, originator_version: int, topic: str, state: bytes) -> bytes:
+    """The hash of one stored event row, framing every field so no two rows collide.
+
+    The id may be given as a ``UUID`` or as its 16 bytes (``UUID.bytes``, what
+    PostgreSQL's ``uuid_send`` gives): the same hash either way.
+    """
+    raw = originator_id.bytes if isinstance(originator_id, UUID) else originator_id
+    if len(raw) != 16:
+        raise InvalidArgumentError(f"an originator id is 16 bytes, not {len(raw)}")
     h = hashlib.sha256(b"learnledger-leaf\x00")
     h.update(struct.pack("<QQ", position, originator_version))
-    h.update(originator_id.bytes)
+    h.update(raw)
     topic_bytes = topic.encode()
     h.update(struct.pack("<I", len(topic_bytes)) + topic_bytes)
     h.update(struct.pack("<Q", len(state)) + state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
 
@@ -67,7 +68,7 @@ def seal_log(ledger: Ledger, *, actor: str) -> LogSeals.Sealed | None:
     last = min(head, first + MAX_ROWS_PER_SEAL - 1)
     if last < first:
         return None
-    rows = store.select_rows(first, last)
+    rows = store.select_sealable_rows(first, last)
     leaves = [(pos, leaf_hash(pos, oid, ver, topic, state)) for pos, oid, ver, topic, state in rows]
     store.put_seal_leaves(leaves)
     seals.seal(first, last, len(leaves), merkle_root([leaf for _, leaf in leaves]), actor)
@@ -94,7 +95,7 @@ def verify_seals(ledger: Ledger) -> SealReport:
         expected_seal = seal_hash(sealed.previous, sealed.first, sealed.last, sealed.count, sealed.root)
         if sealed.previous != previous or sealed.seal != expected_seal or sealed.first != expected_first:
             report.findings.append(Tampering("chain", sealed.first, f"seal {report.seals_checked} does not chain"))
-        rows = store.select_rows(sealed.first, sealed.last)
+        rows = store.select_sealable_rows(sealed.first, sealed.last)
         current = {
             pos: (leaf_hash(pos, oid, ver, topic, state), oid, ver, topic) for pos, oid, ver, topic, state in rows
         }
@@ -108,7 +109,7 @@ def verify_seals(ledger: Ledger) -> SealReport:
 
 
 def _name_rows(
-    store: LedgerRecorder, sealed: LogSeals.Sealed, current: dict[int, tuple[bytes, Any, int, str]]
+    store: LedgerRecorder, sealed: LogSeals.Sealed, current: dict[int, tuple[bytes, bytes, int, str]]
 ) -> list[Tampering]:
     stored = store.get_seal_leaves(sealed.first, sealed.last)
     if merkle_root([stored[pos] for pos in sorted(stored)]) != sealed.root or len(stored) != sealed.count:
@@ -121,7 +122,7 @@ def _name_rows(
             findings.append(Tampering("inserted", pos, "a row was added inside a sealed range"))
         elif current[pos][0] != stored[pos]:
             _, oid, ver, topic = current[pos]
-            findings.append(Tampering("modified", pos, f"{topic} of {oid} version {ver} was changed"))
+            findings.append(Tampering("modified", pos, f"{topic} of {UUID(bytes=oid)} version {ver} was changed"))
     return findings
 
 

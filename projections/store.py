@@ -202,6 +202,26 @@ class LedgerRecorder(PostgresApplicationRecorder):
             curs.execute(statement, (first, last))
             return [(int(n), oid, int(v), topic, bytes(state)) for n, oid, v, topic, state in curs.fetchall()]
 
+    def select_sealable_rows(self, first: int, last: int) -> list[tuple[int, bytes, int, str, bytes]]:
+        """``select_rows`` with each originator id as its 16 raw bytes: what a seal hashes.
+
+        A ``UUID`` object per row cost ~4x the rest of the read (0.86 against 0.2 s for
+        200k rows, the collector scanning them included), and a seal needs the bytes only.
+        """
+        statement = SQL(
+            "SELECT notification_id, uuid_send(originator_id), originator_version, topic, state FROM {schema}.{table} "
+            "WHERE notification_id BETWEEN %s AND %s ORDER BY notification_id"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        with (
+            self.datastore.get_connection() as conn,
+            conn.transaction(),
+            conn.cursor(binary=True, row_factory=tuple_row) as curs,
+        ):
+            curs.execute(_IN_LOG_ORDER)
+            curs.execute(statement, (first, last))
+            rows: list[tuple[int, bytes, int, str, bytes]] = curs.fetchall()
+            return rows
+
     def select_example_page(self, first: int, last: int, model_key: bytes) -> ExamplePage:
         """The prediction facts of one model at log positions ``first``..``last``, cut out by PostgreSQL.
 

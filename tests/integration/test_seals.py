@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import psycopg
 import pytest
 
+from domain.errors import InvalidArgumentError
 from domain.seal import GENESIS, leaf_hash, merkle_root, seal_hash
 from domain.spec import LearnerSpec
 from server.commands import verify_payload
@@ -38,6 +41,14 @@ def test_merkle_root_and_chain_are_order_and_content_sensitive() -> None:
     assert seal_hash(GENESIS, 1, 5, 5, merkle_root(leaves)) != seal_hash(GENESIS, 1, 5, 4, merkle_root(leaves))
 
 
+def test_a_leaf_hashes_the_same_from_the_id_or_its_raw_bytes() -> None:
+    # The seals read ids as 16 raw bytes (uuid_send); a UUID gives the same leaf.
+    uid = __import__("uuid").uuid4()
+    assert leaf_hash(7, uid, 2, "t", b"{}") == leaf_hash(7, uid.bytes, 2, "t", b"{}")
+    with pytest.raises(InvalidArgumentError):
+        leaf_hash(7, uid.bytes[:15], 2, "t", b"{}")
+
+
 def test_seals_chain_and_verify(runtime) -> None:  # type: ignore[no-untyped-def]
     _history(runtime)
     first = runtime.service.seal("auditor")
@@ -65,6 +76,9 @@ def test_an_edited_score_is_named_although_replay_cannot_see_it(runtime) -> None
     seals = runtime.service.verify_seals()
     assert [f.kind for f in seals.findings] == ["modified"]
     assert "Prediction" in seals.findings[0].detail
+    # The row is named by its prediction's id, in the canonical text form.
+    canonical_id = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    assert re.search(f"of {canonical_id} version 1 ", seals.findings[0].detail)
     payload = verify_payload([digests], seals)
     assert payload["verified"] is False and payload["seals"]["findings"][0]["kind"] == "modified"
 
