@@ -186,21 +186,8 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
     def select_rows(self, first: int, last: int) -> list[tuple[int, UUID, int, str, bytes]]:
         """Raw event rows with positions ``first``..``last``, in log order."""
-        statement = SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state FROM {schema}.{table} "
-            "WHERE notification_id BETWEEN %s AND %s ORDER BY notification_id"
-        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
-        # Binary mode and plain tuples: the text protocol hex-decodes every bytea and the
-        # default factory builds a dict per row, twice the cost of the read itself
-        # (measured in bench/replay.py: ~90k rows/s against ~190k).
-        with (
-            self.datastore.get_connection() as conn,
-            conn.transaction(),
-            conn.cursor(binary=True, row_factory=tuple_row) as curs,
-        ):
-            curs.execute(_IN_LOG_ORDER)
-            curs.execute(statement, (first, last))
-            return [(int(n), oid, int(v), topic, bytes(state)) for n, oid, v, topic, state in curs.fetchall()]
+        rows = self._range(first, last, SQL("originator_id"))
+        return [(int(n), oid, int(v), topic, bytes(state)) for n, oid, v, topic, state in rows]
 
     def select_sealable_rows(self, first: int, last: int) -> list[tuple[int, bytes, int, str, bytes]]:
         """``select_rows`` with each originator id as its 16 raw bytes: what a seal hashes.
@@ -208,10 +195,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
         A ``UUID`` object per row cost ~4x the rest of the read (0.86 against 0.2 s for
         200k rows, the collector scanning them included), and a seal needs the bytes only.
         """
+        rows: list[tuple[int, bytes, int, str, bytes]] = self._range(first, last, SQL("uuid_send(originator_id)"))
+        return rows
+
+    def _range(self, first: int, last: int, originator_id: SQL) -> list[Any]:
+        # Binary mode and plain tuples: the text protocol hex-decodes every bytea and the
+        # default factory builds a dict per row, twice the cost of the read itself
+        # (measured in bench/replay.py: ~90k rows/s against ~190k).
         statement = SQL(
-            "SELECT notification_id, uuid_send(originator_id), originator_version, topic, state FROM {schema}.{table} "
+            "SELECT notification_id, {oid}, originator_version, topic, state FROM {schema}.{table} "
             "WHERE notification_id BETWEEN %s AND %s ORDER BY notification_id"
-        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        ).format(oid=originator_id, schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
         with (
             self.datastore.get_connection() as conn,
             conn.transaction(),
@@ -219,8 +213,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
         ):
             curs.execute(_IN_LOG_ORDER)
             curs.execute(statement, (first, last))
-            rows: list[tuple[int, bytes, int, str, bytes]] = curs.fetchall()
-            return rows
+            return curs.fetchall()
 
     def select_example_page(self, first: int, last: int, model_key: bytes) -> ExamplePage:
         """The prediction facts of one model at log positions ``first``..``last``, cut out by PostgreSQL.
