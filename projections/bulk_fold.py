@@ -177,11 +177,7 @@ def verify_fast(
     report.platform_differences = platform_differences(head.platform)
     folder = _BulkFolder(ledger, head, stats or BulkFoldStats(), max_chunk_steps, snapshot_interval, reads=reads)
     if reads is not None:
-        # The whole log will be read: let PostgreSQL read further ahead while this
-        # process decodes the history. A range's facts are mostly feature text (~20
-        # bytes a value, one Made row in two).
-        range_bytes = reads.page_rows // 2 * (20 * max(1, head.spec.n_features) + 40)
-        reads.hold(min(MAX_HELD_RANGES, READ_AHEAD_BYTES // range_bytes))
+        reads.read_whole_log(head.spec.n_features)  # further ahead, while the history decodes
     try:
         events = decode_events()  # while the folder's first reads run
         # Models with a stateful safety policy also have every gate verdict, replay choice
@@ -727,9 +723,15 @@ class _RangeReads:
         self.submitted = self.next
         self._read_ahead()
 
-    def hold(self, ranges: int) -> None:
-        """Keep up to ``ranges`` ranges read ahead (READ_AHEAD of them in flight at a time)."""
-        self.held = max(1, READ_AHEAD, ranges)
+    def read_whole_log(self, n_features: int) -> None:
+        """Hold up to about ``READ_AHEAD_BYTES`` of ranges read ahead: the whole log will be read.
+
+        Still ``READ_AHEAD`` queries at a time; only a full-history verify asks for this,
+        so that a time travel reads no further than it needs.
+        """
+        # A range's facts are mostly feature text: ~20 bytes a value, one Made row in two.
+        range_bytes = self.page_rows // 2 * (20 * max(1, n_features) + 40)
+        self.held = max(1, READ_AHEAD, min(MAX_HELD_RANGES, READ_AHEAD_BYTES // range_bytes))
         self._read_ahead()
 
     @property
